@@ -1,0 +1,3 @@
+from wsiflow.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Command-line interface (typer). The only layer that configures logging and draws bars."""

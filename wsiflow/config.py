@@ -1,0 +1,232 @@
+"""Pipeline YAML → frozen, validated objects.
+
+A pipeline names the taxonomy, the resolutions, tiling, tissue detection, the two model
+bundles, the WHO thresholds, adequacy minimums and outputs (DESIGN §5 "Pipeline").
+YAML is read with ``yaml.safe_load``; every error names the bad key, e.g.
+``mds.yaml: tiling.halo_um: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wsiflow.errors import ConfigError
+
+PIPELINES_PACKAGE = "wsiflow.pipelines"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClassDef(_Frozen):
+    """One class of the taxonomy. ``lineage`` and ``dysplastic`` are optional per class."""
+
+    code: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    lineage: str | None = None
+    dysplastic: bool = False
+    blast: bool = False
+    nucleated: bool = True
+    color: tuple[int, int, int]
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(c < 0 or c > 255 for c in v):
+            raise ValueError("each colour channel must be within 0..255")
+        return v
+
+
+class Resolution(_Frozen):
+    seg_mpp: float = Field(gt=0, le=10)
+    cls_mpp: float = Field(gt=0, le=10)
+
+
+class Tiling(_Frozen):
+    tile_um: float = Field(gt=0)
+    halo_um: float = Field(gt=0)
+    max_object_um: float = Field(gt=0, description="largest object's diameter, µm")
+    batch_tiles: int = Field(default=4, ge=1)
+
+
+class Tissue(_Frozen):
+    thumbnail_mpp: float = Field(default=8.0, gt=0)
+    method: Literal["saturation-od", "none"] = "saturation-od"
+    min_saturation: float | None = Field(default=None, ge=0, le=1)
+    min_od: float = Field(default=0.05, ge=0)
+    min_tile_fraction: float = Field(default=0.01, ge=0, le=1)
+
+
+class ModelRef(_Frozen):
+    bundle: str = Field(min_length=1, description="bundle name shipped in wsiflow/weights, or a path")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class Segmenter(ModelRef):
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_area_um2: float = Field(default=15.0, ge=0)
+    max_area_um2: float = Field(default=12000.0, gt=0)
+    min_distance_um: float = Field(default=3.0, gt=0)
+    simplify_um: float = Field(default=0.25, ge=0)
+
+    @model_validator(mode="after")
+    def _areas(self) -> Segmenter:
+        if self.min_area_um2 >= self.max_area_um2:
+            raise ValueError("min_area_um2 must be below max_area_um2")
+        return self
+
+
+class Crop(_Frozen):
+    rule: Literal["bbox-square"] = "bbox-square"
+    pad_um: float = Field(default=1.0, ge=0)
+
+
+class Classifier(ModelRef):
+    input_px: int = Field(ge=75)
+    batch_size: int = Field(default=64, ge=1)
+    crop: Crop = Crop()
+
+
+class Who(_Frozen):
+    dysplasia_threshold: float = Field(default=0.10, gt=0, lt=1)
+    blast_bands: tuple[float, ...] = (0.05, 0.10, 0.20)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+    @field_validator("blast_bands")
+    @classmethod
+    def _increasing(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if list(v) != sorted(v) or any(b <= 0 or b >= 1 for b in v):
+            raise ValueError("must be increasing fractions within (0, 1)")
+        return v
+
+
+class Adequacy(_Frozen):
+    min_cells: int = Field(default=500, ge=0)
+    min_megakaryocytes: int = Field(default=30, ge=0)
+    megakaryocytic_lineage: str = "megakaryocytic"
+
+
+class Outputs(_Frozen):
+    zarr: bool = True
+    geojson: bool = True
+    geoparquet: bool = False
+
+
+class Pipeline(_Frozen):
+    name: str
+    description: str = ""
+    mode: Literal["dysplasia", "differential"] = "dysplasia"
+    taxonomy: tuple[ClassDef, ...] = Field(min_length=2)
+    resolution: Resolution
+    tiling: Tiling
+    tissue: Tissue = Tissue()
+    segmenter: Segmenter
+    classifier: Classifier
+    who: Who = Who()
+    adequacy: Adequacy = Adequacy()
+    outputs: Outputs = Outputs()
+
+    @field_validator("taxonomy")
+    @classmethod
+    def _unique_codes(cls, v: tuple[ClassDef, ...]) -> tuple[ClassDef, ...]:
+        codes = [c.code for c in v]
+        dup = sorted({c for c in codes if codes.count(c) > 1})
+        if dup:
+            raise ValueError(f"duplicate class codes {dup}")
+        return v
+
+    @model_validator(mode="after")
+    def _halo_invariant(self) -> Pipeline:
+        # DESIGN §3: the halo exceeds the farthest a cell reaches from its centroid.
+        if self.tiling.halo_um <= self.tiling.max_object_um / 2:
+            raise ValueError(
+                f"tiling.halo_um ({self.tiling.halo_um}) must exceed half of "
+                f"tiling.max_object_um ({self.tiling.max_object_um}): a cell on a seam "
+                "would otherwise be cut"
+            )
+        return self
+
+    @property
+    def class_codes(self) -> tuple[str, ...]:
+        return tuple(c.code for c in self.taxonomy)
+
+    @property
+    def lineages(self) -> tuple[str, ...]:
+        seen: list[str] = []
+        for c in self.taxonomy:
+            if c.lineage and c.lineage not in seen:
+                seen.append(c.lineage)
+        return tuple(seen)
+
+
+def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and 0 <= item < len(node):
+            node = node[item]
+            code = node.get("code") if isinstance(node, dict) else None
+            parts[-1:] = [f"{parts[-1]}[{code or item}]"] if parts else [f"[{item}]"]
+            continue
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+def parse_pipeline(data: Any, source: str = "<pipeline>") -> Pipeline:
+    """Validate a mapping into a frozen :class:`Pipeline`; errors name the bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", "the pipeline must be a YAML mapping")
+    try:
+        return Pipeline.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _format_loc(tuple(err["loc"]), data)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(source, key, msg + more) from None
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    """Names → paths of the pipelines shipped inside the package."""
+    root = resources.files(PIPELINES_PACKAGE)
+    out: dict[str, Path] = {}
+    for entry in root.iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = Path(str(entry))
+    return dict(sorted(out.items()))
+
+
+def load_pipeline(name_or_path: str | Path) -> Pipeline:
+    """Load a shipped pipeline by name (``mds``) or a YAML file by path."""
+    text_path = Path(name_or_path)
+    shipped = shipped_pipelines()
+    if isinstance(name_or_path, str) and name_or_path in shipped:
+        text_path = shipped[name_or_path]
+    elif not text_path.suffix:
+        known = ", ".join(shipped) or "none"
+        raise ConfigError("", "--pipeline", f"unknown pipeline {str(name_or_path)!r} (shipped: {known})")
+    source = text_path.name
+    try:
+        raw = text_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(text_path), "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(text_path), "", f"cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(source, "", f"invalid YAML{where}") from None
+    return parse_pipeline(data, source)
