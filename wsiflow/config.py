@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from wsiflow.errors import ConfigError
 
@@ -50,9 +58,21 @@ class Resolution(_Frozen):
 
 class Tiling(_Frozen):
     tile_um: float = Field(gt=0)
-    halo_um: float = Field(gt=0)
     max_object_um: float = Field(gt=0, description="largest object's diameter, µm")
+    halo_um: float = Field(gt=0)
     batch_tiles: int = Field(default=4, ge=1)
+
+    @field_validator("halo_um")
+    @classmethod
+    def _halo_invariant(cls, v: float, info: ValidationInfo) -> float:
+        # DESIGN §3: the halo exceeds the farthest a cell reaches from its centroid.
+        biggest = info.data.get("max_object_um")
+        if biggest is not None and v <= biggest / 2:
+            raise ValueError(
+                f"{v} µm must exceed half of tiling.max_object_um ({biggest} µm): "
+                "a cell on a tile seam would otherwise be cut"
+            )
+        return v
 
 
 class Tissue(_Frozen):
@@ -140,17 +160,6 @@ class Pipeline(_Frozen):
         if dup:
             raise ValueError(f"duplicate class codes {dup}")
         return v
-
-    @model_validator(mode="after")
-    def _halo_invariant(self) -> Pipeline:
-        # DESIGN §3: the halo exceeds the farthest a cell reaches from its centroid.
-        if self.tiling.halo_um <= self.tiling.max_object_um / 2:
-            raise ValueError(
-                f"tiling.halo_um ({self.tiling.halo_um}) must exceed half of "
-                f"tiling.max_object_um ({self.tiling.max_object_um}): a cell on a seam "
-                "would otherwise be cut"
-            )
-        return self
 
     @property
     def class_codes(self) -> tuple[str, ...]:

@@ -1,0 +1,59 @@
+"""Project-level checks: light imports, packaging metadata, environment.yml parity."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# pyproject (PyPI) name -> conda-forge name, where they differ.
+CONDA_NAME = {"torch": "pytorch", "openslide-bin": "openslide"}
+
+
+def test_import_wsiflow_is_light() -> None:
+    code = (
+        "import sys, wsiflow, wsiflow.config, wsiflow.cells;"
+        "heavy=[m for m in sys.modules if m.split('.')[0] in ('torch','dask','distributed','typer','tqdm')];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout}"
+
+
+def _pyproject_names() -> set[str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {re.split(r"[=<>!~\[ ]", d, maxsplit=1)[0].lower() for d in deps}
+
+
+def test_dependencies_are_pinned() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert all("==" in d for d in deps), [d for d in deps if "==" not in d]
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+
+
+def test_environment_yml_names_the_same_packages() -> None:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert "conda-forge" in env["channels"]
+    conda = {re.split(r"[=<> ]", d, maxsplit=1)[0].lower() for d in env["dependencies"] if isinstance(d, str)}
+    wanted = {CONDA_NAME.get(n, n) for n in _pyproject_names()}
+    assert wanted <= conda, f"missing from environment.yml: {sorted(wanted - conda)}"
+    extra = conda - wanted - {"python", "pip"}
+    assert not extra, f"in environment.yml but not pyproject: {sorted(extra)}"
+
+
+def test_pinned_versions_agree_with_environment_yml() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {d.split("==")[0].lower(): d.split("==")[1] for d in deps}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = dict(d.split("=", 1) for d in env["dependencies"] if isinstance(d, str) and "=" in d)
+    for name, ver in pins.items():
+        cname = CONDA_NAME.get(name, name)
+        if name == "openslide-bin":
+            continue  # the wheel's version is its own; conda has the library itself
+        assert conda.get(cname) == ver, f"{name}: pyproject {ver} vs environment.yml {conda.get(cname)}"
