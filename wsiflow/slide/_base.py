@@ -1,0 +1,421 @@
+"""The Slide: typed metadata and µm/px-addressed reads over one backend (OpenSlide or TiffSlide).
+
+A backend only reads in-bounds rectangles of one pyramid level in that level's integer
+pixel grid (:class:`Backend`). Everything else (choosing the level, level coordinates,
+padding, alpha, resizing, error wrapping) happens here, once, so both backends behave alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from wsiflow.errors import MppError, SlideError, SlideNotFound
+
+MPP_MAX = 10.0
+"""µm/px above this is not a brightfield scan (generic TIFF resolution tags give ~350)."""
+
+LEVEL_TOLERANCE = 0.01
+"""A level up to 1 % coarser than the target still counts as "at the target" (rounding in
+level sizes makes e.g. 4.0004 out of an intended 4)."""
+
+_TYPE_IN_REASON = (KeyError, IndexError, ZeroDivisionError, NotImplementedError, AttributeError, TypeError)
+
+
+class Backend(Protocol):
+    """What a backend provides. Level coordinates are integers inside the level."""
+
+    name: str
+    format: str
+    vendor: str | None
+    level_dimensions: tuple[tuple[int, int], ...]
+    properties: dict[str, str]
+    associated_images: tuple[str, ...]
+    mpp_xy: tuple[object, object]  # raw property values (str or float)
+    objective_power: float | None
+
+    def read_level(
+        self, level: int, x: int, y: int, w: int, h: int
+    ) -> tuple[NDArray[np.uint8], float, float]:
+        """Pixels (h, w, C) of the level rectangle, C in 1..4, and the level coordinate of
+        pixel [0, 0] actually sampled (equal to (x, y) unless the library resamples)."""
+        ...
+
+    def recover(self) -> None:
+        """Make the handle usable again after a failed read (OpenSlide latches errors)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """One short line describing a library exception."""
+    msg = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and msg.startswith("'"):
+        msg = msg.strip("'")
+    if not msg or isinstance(exc, _TYPE_IN_REASON):
+        msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
+
+
+def parse_mpp(value: object) -> float | None:
+    """A float µm/px from a property value, or None when missing, unparsable or implausible."""
+    if value is None or value == "":
+        return None
+    try:
+        mpp = float(str(value))
+    except ValueError:
+        return None
+    if not math.isfinite(mpp) or mpp <= 0 or mpp > MPP_MAX:
+        return None
+    return mpp
+
+
+def _raw_float(value: object) -> float | None:
+    try:
+        f = float(str(value))
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def to_rgb(arr: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """(h, w, C) with C in 1..4 (grey, grey+alpha, RGB, RGBA) → RGB, alpha composited onto white."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    c = arr.shape[2]
+    if c in (2, 4):
+        alpha = arr[..., c - 1 :]
+        color = arr[..., : c - 1]
+        if alpha.size and int(alpha.min()) < 255:
+            a = alpha.astype(np.uint16)
+            color = ((color.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        arr = color
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+class Slide:
+    """One open slide. Use :func:`open_slide`; close it (or use ``with``)."""
+
+    def __init__(self, path: str, backend: Backend, mpp: float | None = None) -> None:
+        self.path = path
+        self._b = backend
+        self.backend: str = backend.name
+        self.format: str = backend.format
+        self.vendor: str | None = backend.vendor
+        self.properties: dict[str, str] = dict(backend.properties)
+        self.associated_images: tuple[str, ...] = tuple(backend.associated_images)
+        self.objective_power: float | None = backend.objective_power
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in backend.level_dimensions
+        )
+        if not self.level_dimensions or min(min(d) for d in self.level_dimensions) <= 0:
+            raise SlideError(path, "image has zero width or height")
+        self.dimensions: tuple[int, int] = self.level_dimensions[0]
+        self.level_count: int = len(self.level_dimensions)
+        w0, h0 = self.dimensions
+        # level-0 px per level px, per axis (what the coordinates use) and averaged (as OpenSlide)
+        self._scale_xy = tuple((w0 / w, h0 / h) for w, h in self.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple((sx + sy) / 2 for sx, sy in self._scale_xy)
+        self.mpp_note: str | None = None
+        self.mpp: float | None
+        self.mpp_source: str | None
+        if mpp is not None:
+            if parse_mpp(mpp) is None:
+                raise MppError(path, f"--mpp {mpp} is not plausible (must be > 0 and ≤ {MPP_MAX:g} µm/px)")
+            self.mpp, self.mpp_source = float(mpp), "override"
+        else:
+            self.mpp, self.mpp_source = self._metadata_mpp(backend.mpp_xy)
+
+    def _metadata_mpp(self, xy: tuple[object, object]) -> tuple[float | None, str | None]:
+        raw = [v for v in (_raw_float(xy[0]), _raw_float(xy[1])) if v is not None]
+        good = [v for v in (parse_mpp(xy[0]), parse_mpp(xy[1])) if v is not None]
+        if good and len(good) == len(raw):
+            return sum(good) / len(good), "metadata"
+        if raw:
+            self.mpp_note = f"implausible µm/px {raw[0]:.4g} in the metadata ignored"
+        return None, None
+
+    # --- geometry ---------------------------------------------------------------------------
+
+    def best_level(self, scale: float) -> int:
+        """The coarsest level whose downsample is ≤ ``scale`` (level-0 px per output px)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= scale * (1 + LEVEL_TOLERANCE):
+                best = i if ds >= self.level_downsamples[best] else best
+        return best
+
+    def read_level0_scale(self, mpp: float) -> float:
+        """Level-0 px per output px when reading at ``mpp`` µm/px."""
+        if self.mpp is None:
+            raise MppError(
+                self.path,
+                self.mpp_note + "; pass --mpp"
+                if self.mpp_note
+                else "no µm/px in the slide metadata; pass --mpp",
+            )
+        if not mpp > 0:
+            raise ValueError(f"mpp must be > 0, got {mpp}")
+        return mpp / self.mpp
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def read(self, x: float, y: float, w: int, h: int, mpp: float) -> NDArray[np.uint8]:
+        """RGB uint8 (h, w, 3) at ``mpp`` µm/px whose top-left is level-0 (x, y); white outside."""
+        return self.read_scaled(x, y, w, h, self.read_level0_scale(mpp))
+
+    def read_scaled(self, x: float, y: float, w: int, h: int, scale: float) -> NDArray[np.uint8]:
+        """Like :meth:`read` with ``scale`` = level-0 px per output px (needs no mpp)."""
+        w, h = int(w), int(h)
+        if w <= 0 or h <= 0 or not scale > 0:
+            raise ValueError(f"bad read size {w}x{h} at scale {scale}")
+        level = self.best_level(scale)
+        lw, lh = self.level_dimensions[level]
+        sx, sy = self._scale_xy[level]
+        fx0, fy0 = x / sx, y / sy
+        fx1, fy1 = (x + w * scale) / sx, (y + h * scale) / sy
+        eps = 1e-6
+        ix0, iy0 = math.floor(fx0 + eps), math.floor(fy0 + eps)
+        ix1, iy1 = max(ix0 + 1, math.ceil(fx1 - eps)), max(iy0 + 1, math.ceil(fy1 - eps))
+        cx0, cy0, cx1, cy1 = max(ix0, 0), max(iy0, 0), min(ix1, lw), min(iy1, lh)
+        cw, ch = ix1 - ix0, iy1 - iy0
+        dx = dy = 0.0
+        if cx1 <= cx0 or cy1 <= cy0:
+            return np.full((h, w, 3), 255, np.uint8)
+        pix, ox, oy = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        dx, dy = ox - cx0, oy - cy0
+        if (cx0, cy0, cx1, cy1) == (ix0, iy0, ix1, iy1):
+            canvas = pix
+        else:
+            canvas = np.full((ch, cw, 3), 255, np.uint8)
+            canvas[cy0 - iy0 : cy1 - iy0, cx0 - ix0 : cx1 - ix0] = pix
+        bx0, by0 = fx0 - ix0 - dx, fy0 - iy0 - dy
+        bx1, by1 = fx1 - ix0 - dx, fy1 - iy0 - dy
+        if (cw, ch) == (w, h) and max(abs(bx0), abs(by0), abs(bx1 - w), abs(by1 - h)) < 1e-3:
+            return canvas  # exact pixels: native resolution, integer-aligned
+        box = (
+            min(max(bx0, 0.0), cw),
+            min(max(by0, 0.0), ch),
+            min(max(bx1, 0.0), cw),
+            min(max(by1, 0.0), ch),
+        )
+        k = round((bx1 - bx0) / w)
+        if (
+            k >= 2
+            and _near_int(bx0)
+            and _near_int(by0)
+            and abs(bx1 - bx0 - k * w) < 1e-6
+            and abs(by1 - by0 - k * h) < 1e-6
+        ):
+            # integer factor on an aligned grid (e.g. 0.25 → 0.5 µm/px): k×k mean, ~3× faster
+            x0, y0 = round(bx0), round(by0)
+            if 0 <= x0 and 0 <= y0 and x0 + k * w <= cw and y0 + k * h <= ch:
+                img = Image.fromarray(canvas)
+                return np.asarray(img.reduce(k, box=(x0, y0, x0 + k * w, y0 + k * h)))
+        down = (bx1 - bx0) >= w * (1 - 1e-9)
+        resample = Image.Resampling.BOX if down else Image.Resampling.BILINEAR
+        out = Image.fromarray(canvas).resize((w, h), resample, box=box)
+        return np.asarray(out)
+
+    def _read_level(
+        self, level: int, x: int, y: int, w: int, h: int
+    ) -> tuple[NDArray[np.uint8], float, float]:
+        try:
+            pix, ox, oy = self._b.read_level(level, x, y, w, h)
+            rgb = to_rgb(pix)
+        except SlideError:
+            raise
+        except Exception as exc:
+            try:
+                self._b.recover()
+            except Exception:
+                pass
+            raise SlideError(
+                self.path, f"cannot read level {level} pixels at ({x}, {y}) size {w}x{h}: {short_reason(exc)}"
+            ) from exc
+        if rgb.shape[:2] != (h, w):
+            raise SlideError(
+                self.path, f"backend returned {rgb.shape[:2]} for a {h}x{w} read at level {level}"
+            )
+        return rgb, ox, oy
+
+    def thumbnail(self, max_px: int = 1024) -> NDArray[np.uint8]:
+        """The whole slide as RGB, longest side ``max_px`` (never upsampled); read in chunks."""
+        w0, h0 = self.dimensions
+        scale = max(1.0, max(w0, h0) / max_px)
+        tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+        sx, sy = w0 / tw, h0 / th
+        level = self.best_level(min(sx, sy))
+        # keep each backend read to about 16 M level pixels
+        step = max(64, int(4096 / max(1.0, min(sx, sy) / self.level_downsamples[level])))
+        out = np.empty((th, tw, 3), np.uint8)
+        for oy in range(0, th, step):
+            for ox in range(0, tw, step):
+                cw, ch = min(step, tw - ox), min(step, th - oy)
+                out[oy : oy + ch, ox : ox + cw] = self._read_box(ox * sx, oy * sy, cw, ch, sx, sy)
+        return out
+
+    def _read_box(self, x: float, y: float, w: int, h: int, sx: float, sy: float) -> NDArray[np.uint8]:
+        if abs(sx - sy) < 1e-9:
+            return self.read_scaled(x, y, w, h, sx)
+        # anisotropic thumbnail cell (rounding): read at the finer scale, then fit
+        s = min(sx, sy)
+        big = self.read_scaled(x, y, math.ceil(w * sx / s), math.ceil(h * sy / s), s)
+        return np.asarray(Image.fromarray(big).resize((w, h), Image.Resampling.BOX))
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._b.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Slide({self.path!r}, backend={self.backend!r}, format={self.format!r}, "
+            f"dimensions={self.dimensions}, levels={self.level_count}, mpp={self.mpp})"
+        )
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+_MAGIC: Mapping[bytes, str] = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"BM": "a BMP image",
+    b"%PDF": "a PDF document",
+    b"PK\x03\x04": "a ZIP archive",
+}
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _sniff(path: str) -> str | None:
+    """What a file that no backend opens looks like, for the message."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            return f"{what}, not a whole-slide image"
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a text file, not a whole-slide image"
+    return None
+
+
+def _check_local(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise SlideNotFound(path, "no such file")
+    if p.is_dir():
+        raise SlideError(path, "is a directory, not a slide file")
+    if not os.access(p, os.R_OK):
+        raise SlideError(path, "permission denied")
+    if p.stat().st_size == 0:
+        raise SlideError(path, "empty file (0 bytes)")
+
+
+def open_slide(
+    path_or_url: str | os.PathLike[str],
+    backend: str = "auto",
+    mpp: float | None = None,
+    prefer: str = "openslide",
+) -> Slide:
+    """Open a slide. ``backend``: "auto" (``prefer`` first, then the other), "openslide" or
+    "tiffslide"; URLs with a scheme (fsspec) always use TiffSlide. ``mpp`` overrides the
+    metadata. Every failure raises :class:`SlideError` with a one-line reason."""
+    path = os.fspath(path_or_url)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise ValueError(f"backend must be auto, openslide or tiffslide, not {backend!r}")
+    if prefer not in ("openslide", "tiffslide"):
+        raise ValueError(f"prefer must be openslide or tiffslide, not {prefer!r}")
+    url = _is_url(path)
+    if url:
+        if backend == "openslide":
+            raise SlideError(path, "OpenSlide cannot read URLs; use backend tiffslide")
+        order = ["tiffslide"]
+    else:
+        _check_local(path)
+        if backend == "auto":
+            order = [prefer, "tiffslide" if prefer == "openslide" else "openslide"]
+        else:
+            order = [backend]
+    failures: list[tuple[str, BaseException]] = []
+    for name in order:
+        try:
+            b = _make_backend(name, path)
+        except Exception as exc:
+            failures.append((name, exc))
+            continue
+        return Slide(path, b, mpp=mpp)
+    raise SlideError(path, _open_reason(path, failures, url))
+
+
+def _make_backend(name: str, path: str) -> Backend:
+    if name == "openslide":
+        from wsiflow.slide._openslide import OpenSlideBackend
+
+        return OpenSlideBackend(path)
+    from wsiflow.slide._tiffslide import TiffSlideBackend
+
+    return TiffSlideBackend(path)
+
+
+def _open_reason(path: str, failures: list[tuple[str, BaseException]], url: bool) -> str:
+    """The most specific reason among the backends' failures."""
+    for _, exc in failures:  # our own checks (e.g. "not a brightfield RGB slide") first
+        if isinstance(exc, SlideError):
+            return exc.reason
+    specific = [(n, e) for n, e in failures if not _is_generic_refusal(e)]
+    if specific:
+        name, exc = specific[0]
+        label = "OpenSlide" if name == "openslide" else "TiffSlide"
+        return f"cannot open ({label}): {short_reason(exc)}"
+    if url and failures:
+        return f"cannot open: {short_reason(failures[0][1])}"
+    sniffed = _sniff(path)
+    if sniffed:
+        return sniffed
+    if len(failures) == 1:
+        only = "OpenSlide" if failures[0][0] == "openslide" else "TiffSlide"
+        return f"not a slide format {only} can read"
+    return "not a slide format OpenSlide or TiffSlide can read"
+
+
+def _is_generic_refusal(exc: BaseException) -> bool:
+    """Answers meaning "not my format", as opposed to a specific problem with a file in the format."""
+    name = type(exc).__name__
+    msg = str(exc).lower()
+    if name == "OpenSlideUnsupportedFormatError":
+        return True
+    if name == "TiffFileError" and "not a tiff file" in msg:
+        return True
+    return False
+
+
+def _near_int(v: float) -> bool:
+    return abs(v - round(v)) < 1e-6
