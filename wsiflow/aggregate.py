@@ -1,0 +1,320 @@
+"""Slide-level aggregation: class counts → SlideSummary (DESIGN §5).
+
+Everything is driven by the pipeline's taxonomy (``ClassDef.lineage / dysplastic / blast /
+nucleated``), never by hard-coded class codes.
+
+* Dysplasia mode: per lineage, dysplastic / (normal + dysplastic) with a Wilson score
+  interval at ``who.confidence``; flag "met" when the lower bound reaches the WHO threshold
+  (the criterion is ≥ 10 %), "not met" when the upper bound is below it, "uncertain" when
+  the interval straddles it, "insufficient" when the lineage has no cells (or, for the
+  megakaryocytic lineage, fewer than ``adequacy.min_megakaryocytes``).
+* Blast % of all nucleated cells with its WHO 2022 band (``<5%``, ``5–9%``, ``10–19%``,
+  ``≥20%`` for the default bands 5/10/20 %).
+* Differential mode: count and % of every class with a Wilson interval.
+* Adequacy: cells counted ≥ ``adequacy.min_cells``; fewer (including zero) gives status
+  "insufficient cells". Zero cells is a valid result, never a division by zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.stats import norm
+
+from wsiflow.config import Pipeline
+
+__all__ = [
+    "BlastStat",
+    "ClassStat",
+    "LineageStat",
+    "SlideSummary",
+    "band_labels",
+    "blast_band",
+    "dysplasia_flag",
+    "summarize",
+    "wilson_interval",
+]
+
+STATUS_OK = "ok"
+STATUS_INSUFFICIENT = "insufficient cells"
+
+
+def z_value(confidence: float) -> float:
+    """Two-sided normal quantile, e.g. 1.959963984540054 for 0.95."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError("confidence must be within (0, 1)")
+    return float(norm.ppf(1.0 - (1.0 - confidence) / 2.0))
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n; (0, 1) when n == 0."""
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    z = z_value(confidence)
+    p = k / n
+    z2n = z * z / n
+    denom = 1.0 + z2n
+    centre = (p + z2n / 2.0) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    if k == 0:
+        lo = 0.0
+    if k == n:
+        hi = 1.0
+    return lo, hi
+
+
+def dysplasia_flag(lo: float, hi: float, threshold: float) -> str:
+    """'met' (lower bound ≥ threshold), 'not met' (upper bound < threshold), else 'uncertain'."""
+    if lo >= threshold:
+        return "met"
+    if hi < threshold:
+        return "not met"
+    return "uncertain"
+
+
+def _pct(v: float) -> str:
+    return f"{v * 100:.10g}"
+
+
+def band_labels(bands: tuple[float, ...]) -> tuple[str, ...]:
+    """Labels for the intervals cut by ``bands``: (0.05, 0.1, 0.2) → <5%, 5–9%, 10–19%, ≥20%."""
+    if not bands:
+        return ("all",)
+    labels = [f"<{_pct(bands[0])}%"]
+    for lo, hi in itertools.pairwise(bands):
+        lo_pct, hi_pct = lo * 100, hi * 100
+        if abs(lo_pct - round(lo_pct)) < 1e-9 and abs(hi_pct - round(hi_pct)) < 1e-9:
+            labels.append(f"{round(lo_pct)}–{round(hi_pct) - 1}%")
+        else:
+            labels.append(f"{_pct(lo)}–<{_pct(hi)}%")
+    labels.append(f"≥{_pct(bands[-1])}%")
+    return tuple(labels)
+
+
+def blast_band(fraction: float, bands: tuple[float, ...]) -> str:
+    """WHO band of a blast fraction: the number of cut points it reaches picks the label."""
+    idx = sum(1 for b in bands if fraction >= b)
+    return band_labels(bands)[idx]
+
+
+@dataclass(frozen=True)
+class ClassStat:
+    code: str
+    name: str
+    count: int
+    fraction: float | None  # of all classified cells
+    ci_low: float | None
+    ci_high: float | None
+
+
+@dataclass(frozen=True)
+class LineageStat:
+    lineage: str
+    normal: int
+    dysplastic: int
+    fraction: float | None  # dysplastic / (normal + dysplastic)
+    ci_low: float | None
+    ci_high: float | None
+    flag: str  # met | not met | uncertain | insufficient
+
+    @property
+    def total(self) -> int:
+        return self.normal + self.dysplastic
+
+
+@dataclass(frozen=True)
+class BlastStat:
+    count: int
+    nucleated: int
+    fraction: float | None
+    ci_low: float | None
+    ci_high: float | None
+    band: str | None
+
+
+@dataclass(frozen=True)
+class SlideSummary:
+    """One slide's result; ``to_dict()`` is JSON-ready, ``to_row()`` a flat CSV row."""
+
+    pipeline: str
+    mode: str
+    status: str
+    n_cells: int
+    n_unclassified: int
+    n_nucleated: int
+    counts: dict[str, int]
+    classes: tuple[ClassStat, ...]
+    lineages: tuple[LineageStat, ...]
+    blast: BlastStat | None
+    confidence: float
+    dysplasia_threshold: float
+    min_cells: int
+    adequate_cells: bool
+    megakaryocytes: int
+    min_megakaryocytes: int
+    adequate_megakaryocytes: bool
+    failed_tiles: int
+    failed_area_fraction: float
+    tiles_total: int
+    notes: tuple[str, ...]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = [asdict(c) for c in self.classes]
+        d["lineages"] = [asdict(lin) | {"total": lin.total} for lin in self.lineages]
+        d["blast"] = asdict(self.blast) if self.blast is not None else None
+        d["notes"] = list(self.notes)
+        d["counts"] = dict(self.counts)
+        return d
+
+    def to_row(self) -> dict[str, str | int | float | None]:
+        """Flat, stable-order row for summary.csv (fractions as percentages)."""
+
+        def pct(v: float | None) -> float | None:
+            return None if v is None else round(v * 100, 4)
+
+        row: dict[str, str | int | float | None] = {
+            "status": self.status,
+            "error": self.error or "",
+            "pipeline": self.pipeline,
+            "mode": self.mode,
+            "n_cells": self.n_cells,
+            "n_nucleated": self.n_nucleated,
+            "n_unclassified": self.n_unclassified,
+            "adequate_cells": self.adequate_cells,
+            "megakaryocytes": self.megakaryocytes,
+            "adequate_megakaryocytes": self.adequate_megakaryocytes,
+            "tiles_total": self.tiles_total,
+            "failed_tiles": self.failed_tiles,
+            "failed_area_fraction": round(self.failed_area_fraction, 6),
+        }
+        if self.blast is not None:
+            row["blast_pct"] = pct(self.blast.fraction)
+            row["blast_ci_low_pct"] = pct(self.blast.ci_low)
+            row["blast_ci_high_pct"] = pct(self.blast.ci_high)
+            row["blast_band"] = self.blast.band or ""
+        for lin in self.lineages:
+            row[f"{lin.lineage}_dysplastic_pct"] = pct(lin.fraction)
+            row[f"{lin.lineage}_ci_low_pct"] = pct(lin.ci_low)
+            row[f"{lin.lineage}_ci_high_pct"] = pct(lin.ci_high)
+            row[f"{lin.lineage}_flag"] = lin.flag
+        for c in self.classes:
+            row[f"n_{c.code}"] = c.count
+        return row
+
+
+def summarize(
+    class_ids: ArrayLike,
+    pipeline: Pipeline,
+    failed_tiles: int = 0,
+    failed_area_fraction: float = 0.0,
+    tiles_total: int = 0,
+    error: str | None = None,
+) -> SlideSummary:
+    """Aggregate per-cell class indices (into ``pipeline.taxonomy``; -1 = unclassified)."""
+    taxonomy = pipeline.taxonomy
+    k = len(taxonomy)
+    ids = np.asarray(class_ids).astype(np.int64, copy=False).ravel()
+    if ids.size and (ids.min() < -1 or ids.max() >= k):
+        raise ValueError(f"class ids must be within -1..{k - 1}")
+    classified = ids[ids >= 0]
+    counts_arr = np.bincount(classified, minlength=k)
+    counts = {c.code: int(n) for c, n in zip(taxonomy, counts_arr, strict=True)}
+    n_cells = int(classified.size)
+    conf = pipeline.who.confidence
+    threshold = pipeline.who.dysplasia_threshold
+
+    classes = []
+    for c in taxonomy:
+        n = counts[c.code]
+        if n_cells:
+            lo, hi = wilson_interval(n, n_cells, conf)
+            classes.append(ClassStat(c.code, c.name, n, n / n_cells, lo, hi))
+        else:
+            classes.append(ClassStat(c.code, c.name, n, None, None, None))
+
+    adeq = pipeline.adequacy
+    mk_lineage = adeq.megakaryocytic_lineage
+    megakaryocytes = sum(counts[c.code] for c in taxonomy if c.lineage == mk_lineage)
+    adequate_mk = megakaryocytes >= adeq.min_megakaryocytes
+    notes: list[str] = []
+
+    lineages: list[LineageStat] = []
+    if pipeline.mode == "dysplasia":
+        for lineage in pipeline.lineages:
+            members = [c for c in taxonomy if c.lineage == lineage]
+            if not any(c.dysplastic for c in members) or all(c.dysplastic for c in members):
+                continue  # no normal/dysplastic split defined for this lineage
+            dys = sum(counts[c.code] for c in members if c.dysplastic)
+            normal = sum(counts[c.code] for c in members if not c.dysplastic)
+            total = dys + normal
+            if total == 0:
+                lineages.append(LineageStat(lineage, normal, dys, None, None, None, "insufficient"))
+                continue
+            lo, hi = wilson_interval(dys, total, conf)
+            flag = dysplasia_flag(lo, hi, threshold)
+            if lineage == mk_lineage and not adequate_mk:
+                flag = "insufficient"
+                notes.append(
+                    f"{megakaryocytes} megakaryocytes counted (< {adeq.min_megakaryocytes}): "
+                    "megakaryocytic dysplasia not called"
+                )
+            lineages.append(LineageStat(lineage, normal, dys, dys / total, lo, hi, flag))
+
+    nucleated_codes = [c.code for c in taxonomy if c.nucleated]
+    n_nucleated = sum(counts[c] for c in nucleated_codes)
+    blast: BlastStat | None = None
+    if any(c.blast for c in taxonomy):
+        n_blast = sum(counts[c.code] for c in taxonomy if c.blast and c.nucleated)
+        if n_nucleated:
+            frac = n_blast / n_nucleated
+            lo, hi = wilson_interval(n_blast, n_nucleated, conf)
+            blast = BlastStat(n_blast, n_nucleated, frac, lo, hi, blast_band(frac, pipeline.who.blast_bands))
+        else:
+            blast = BlastStat(0, 0, None, None, None, None)
+
+    adequate_cells = n_cells >= adeq.min_cells and n_cells > 0
+    status = STATUS_OK if adequate_cells else STATUS_INSUFFICIENT
+    if not adequate_cells:
+        notes.append(f"{n_cells} cells counted (< {adeq.min_cells}): insufficient for a reliable count")
+    if failed_tiles:
+        notes.append(
+            f"{failed_tiles} tile(s) failed and were excluded "
+            f"({failed_area_fraction * 100:.2f}% of the analysed area)"
+        )
+    n_unclassified = int(ids.size - n_cells)
+    if n_unclassified:
+        notes.append(f"{n_unclassified} cell(s) were not classified and are excluded")
+    return SlideSummary(
+        pipeline=pipeline.name,
+        mode=pipeline.mode,
+        status=status,
+        n_cells=n_cells,
+        n_unclassified=n_unclassified,
+        n_nucleated=n_nucleated,
+        counts=counts,
+        classes=tuple(classes),
+        lineages=tuple(lineages),
+        blast=blast,
+        confidence=conf,
+        dysplasia_threshold=threshold,
+        min_cells=adeq.min_cells,
+        adequate_cells=adequate_cells,
+        megakaryocytes=megakaryocytes,
+        min_megakaryocytes=adeq.min_megakaryocytes,
+        adequate_megakaryocytes=adequate_mk,
+        failed_tiles=int(failed_tiles),
+        failed_area_fraction=float(failed_area_fraction),
+        tiles_total=int(tiles_total),
+        notes=tuple(notes),
+        error=error,
+    )
