@@ -24,7 +24,7 @@ def build_inception_v3(
     """InceptionV3 with ``num_classes`` outputs and random (truncated-normal) initial weights."""
     if num_classes < 2:
         raise ModelError(f"inception_v3 needs at least 2 classes, got {num_classes}")
-    return inception_v3(
+    model = inception_v3(
         weights=None,
         num_classes=num_classes,
         aux_logits=aux_logits,
@@ -32,6 +32,13 @@ def build_inception_v3(
         transform_input=False,
         dropout=dropout,
     )
+    if init_weights:
+        # torchvision draws every layer, the classifier included, from N(0, 0.1²): with 2048
+        # inputs that makes the first logits huge (initial loss ≈ 5 instead of ln K). A small
+        # classifier init starts training at ln K.
+        nn.init.normal_(model.fc.weight, std=0.01)
+        nn.init.zeros_(model.fc.bias)
+    return model
 
 
 def check_input_px(input_px: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wsiflow.errors import ModelError
+from wsiflow.models.bundle import atomic_write_bytes
 
 __all__ = [
     "atomic_write_bytes",
@@ -90,19 +90,6 @@ def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_fra
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def state_dict_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU, contiguous copy of a module's state dict (safetensors needs both)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
@@ -127,7 +114,9 @@ def save_checkpoint(
             for key, val in pstate.items():
                 if isinstance(val, torch.Tensor):
                     tensors[f"opt/{idx}/{key}"] = val.detach().to("cpu").contiguous().clone()
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+        groups = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]
+        ]
         opt_meta = {"param_groups": groups}
     st_path, js_path = checkpoint_paths(stem)
     st_path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +124,9 @@ def save_checkpoint(
     save_file(tensors, str(tmp))
     os.replace(tmp, st_path)
     payload = {"format": "wsiflow-checkpoint/1", "optimizer": opt_meta, "state": state}
-    atomic_write_bytes(js_path, orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    atomic_write_bytes(
+        js_path, orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+    )
 
 
 def load_checkpoint(
@@ -158,7 +149,9 @@ def load_checkpoint(
     try:
         model.load_state_dict(model_sd, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"{st_path}: checkpoint does not fit this model ({str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"{st_path}: checkpoint does not fit this model ({str(exc).splitlines()[0]})"
+        ) from None
     meta = payload.get("optimizer")
     if optimizer is not None and meta is not None:
         state: dict[int, dict[str, torch.Tensor]] = {}

@@ -1,0 +1,140 @@
+"""Model bundles: safetensors + card round trip, integrity pins, pickle refusal, taxonomy match."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from wsiflow.config import load_pipeline
+from wsiflow.errors import BundleIntegrityError, ModelError
+from wsiflow.models.bundle import ModelBundle, check_taxonomy, resolve_bundle, save_bundle
+from wsiflow.models.inception import build_inception_v3
+from wsiflow.models.registry import build_model
+
+
+def _card(codes: list[str]) -> dict[str, Any]:
+    return {
+        "name": "tiny",
+        "task": "classifier",
+        "architecture": "inception_v3",
+        "kwargs": {"num_classes": len(codes), "aux_logits": False, "dropout": 0.5},
+        "classes": [
+            {"code": c, "name": c, "lineage": None, "dysplastic": False, "blast": False, "color": [1, 2, 3]}
+            for c in codes
+        ],
+        "input_px": 80,
+        "mpp": 0.5,
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "training_data": {"name": "none", "licence": "n/a", "description": "random weights"},
+        "metrics": {},
+        "split_seed": 0,
+        "demo": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_inception_v3(3)
+    # Make BN statistics non-trivial so a broken buffer round trip would show.
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(4, 3, 80, 80))
+    return m.eval()
+
+
+def test_round_trip_identical_outputs(model: torch.nn.Module, tmp_path: Path) -> None:
+    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    assert (tmp_path / "tiny.json").is_file()
+    card = json.loads((tmp_path / "tiny.json").read_text())
+    assert card["format"] == "wsiflow-bundle/1" and card["sha256"] == bundle.sha256
+    loaded = ModelBundle.load(tmp_path / "tiny.json")  # either file names the bundle
+    rebuilt = loaded.build("cpu")
+    assert not rebuilt.training
+    x = torch.rand(2, 3, 80, 80)
+    with torch.inference_mode():
+        assert torch.equal(model(x), rebuilt(x))
+    assert loaded.class_codes == ("a", "b", "c") and loaded.input_px == 80
+
+
+def test_fp16_storage_loads_as_float32(model: torch.nn.Module, tmp_path: Path) -> None:
+    full = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "full.safetensors")
+    half = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "half.safetensors", fp16=True)
+    assert half.weights_path.stat().st_size < 0.6 * full.weights_path.stat().st_size
+    assert all(t.dtype != torch.float16 for t in half.state_dict().values())
+    x = torch.rand(2, 3, 80, 80)
+    with torch.inference_mode():
+        a, b = full.build()(x).softmax(1), half.build()(x).softmax(1)
+    assert torch.allclose(a, b, atol=2e-2)
+
+
+def test_sha256_pin_mismatch_refused(model: torch.nn.Module, tmp_path: Path) -> None:
+    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    ModelBundle.load(bundle.weights_path, expected_sha256=bundle.sha256)  # the right pin loads
+    with pytest.raises(BundleIntegrityError, match="does not match the pinned"):
+        ModelBundle.load(bundle.weights_path, expected_sha256="0" * 64)
+
+
+def test_changed_weights_refused(model: torch.nn.Module, tmp_path: Path) -> None:
+    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    card = json.loads(bundle.card_path.read_text())
+    card["sha256"] = "f" * 64
+    bundle.card_path.write_text(json.dumps(card))
+    with pytest.raises(BundleIntegrityError, match="does not match its card"):
+        ModelBundle.load(bundle.weights_path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt"])
+def test_pickle_suffix_refused(tmp_path: Path, suffix: str, model: torch.nn.Module) -> None:
+    path = tmp_path / f"weights{suffix}"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ModelError, match="pickle"):
+        ModelBundle.load(path)
+
+
+def test_pickle_disguised_as_safetensors_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    (tmp_path / "evil.json").write_text(json.dumps({**_card(["a", "b"]), "sha256": "0" * 64, "format": "x"}))
+    with pytest.raises(ModelError, match="pickle"):
+        resolve_bundle(path)
+    with pytest.raises(ModelError, match="pickle"):
+        save_bundle(torch.nn.Linear(1, 1), _card(["a", "b"]), tmp_path / "out.pt")
+
+
+def test_unknown_name_and_bad_card(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown model bundle"):
+        ModelBundle.load("no-such-bundle")
+    (tmp_path / "x.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ModelError, match="invalid JSON"):
+        ModelBundle.load(tmp_path / "x.safetensors")
+    with pytest.raises(ModelError, match="unknown architecture"):
+        build_model("resnet", {})
+
+
+def test_taxonomy_mismatch_refused() -> None:
+    pipe = load_pipeline("mds")
+    good = _card(list(pipe.class_codes))
+    check_taxonomy(good, pipe)
+    swapped = copy.deepcopy(good)
+    swapped["classes"][0], swapped["classes"][1] = swapped["classes"][1], swapped["classes"][0]
+    with pytest.raises(ModelError, match="must match"):
+        check_taxonomy(swapped, pipe)
+    with pytest.raises(ModelError, match="must match"):
+        check_taxonomy(_card(["a", "b", "c"]), pipe)
+
+
+def test_shipped_pbc8_verifies() -> None:
+    weights = Path(__file__).resolve().parents[1] / "wsiflow" / "weights" / "pbc8.safetensors"
+    if not weights.is_file():
+        pytest.skip("pbc8 not shipped yet")
+    b = ModelBundle.load("pbc8")
+    assert b.task == "classifier" and len(b.class_codes) == 8
+    assert b.weights_path.stat().st_size < 60e6

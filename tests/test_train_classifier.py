@@ -1,0 +1,126 @@
+"""Classifier training on a tiny generated data set: it learns, resumes, and evaluates its test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from wsiflow.errors import ConfigError
+from wsiflow.models.bundle import ModelBundle
+from wsiflow.train.classifier import TrainClassifierConfig, train_classifier
+from wsiflow.train.data import discover, split_indices
+from wsiflow.train.evaluate import evaluate_classifier
+
+
+def _shapes(root: Path, per_class: int = 15, size: int = 96) -> Path:
+    rng = np.random.default_rng(0)
+    for shape in ("disc", "square", "triangle"):
+        d = root / shape
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 255, 3)))
+            dr = ImageDraw.Draw(im)
+            r, (cx, cy) = int(rng.integers(18, 30)), rng.integers(38, 58, 2)
+            box = [cx - r, cy - r, cx + r, cy + r]
+            col = tuple(int(v) for v in rng.integers(40, 160, 3))
+            if shape == "disc":
+                dr.ellipse(box, fill=col)
+            elif shape == "square":
+                dr.rectangle(box, fill=col)
+            else:
+                dr.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
+            im.save(d / f"{shape}_{i:02d}.png")
+    return root
+
+
+def test_split_is_stratified_and_group_aware(tmp_path: Path) -> None:
+    labels = np.repeat(np.arange(3), 40)
+    parts = split_indices(labels, seed=1)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(120))
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [96, 12, 12]
+    assert np.bincount(labels[parts["test"]]).tolist() == [4, 4, 4]
+    assert (split_indices(labels, seed=1)["test"] == parts["test"]).all()  # seeded
+    groups = [f"patient{i // 4}" for i in range(120)]
+    gparts = split_indices(labels, seed=1, groups=groups)
+    seen = [{groups[i] for i in gparts[s]} for s in ("train", "val", "test")]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    _shapes(tmp_path / "img", per_class=3)
+    rows = ["path,label,group"] + [
+        f"img/{p.parent.name}/{p.name},{p.parent.name},g{i % 2}"
+        for i, p in enumerate(sorted((tmp_path / "img").rglob("*.png")))
+    ]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    s = discover(tmp_path / "m.csv")
+    assert s.classes == ("disc", "square", "triangle") and len(s) == 9 and s.groups is not None
+    (tmp_path / "bad.csv").write_text("path,label\nimg/x.png,cube\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        discover(tmp_path / "bad.csv", classes=["disc"])
+
+
+@pytest.mark.slow
+def test_training_reduces_loss_resumes_and_evaluates(tmp_path: Path) -> None:
+    data = _shapes(tmp_path / "data")
+    out = tmp_path / "toy.safetensors"
+    cfg = TrainClassifierConfig(
+        data=data,
+        out=out,
+        mpp=0.5,
+        work_dir=tmp_path / "work",
+        input_px=80,
+        batch_size=12,
+        epochs=4,
+        lr=1e-3,
+        seed=3,
+        threads=2,
+        patience=50,
+    )
+    events: list[tuple[str, dict]] = []
+    bundle = train_classifier(cfg, lambda e, i: events.append((e, i)))
+    hist = bundle.card["training"]["history"]
+    assert len(hist) == 4
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert any(e == "batch" for e, _ in events)
+    card = json.loads(out.with_suffix(".json").read_text())
+    counts = card["split"]["counts"]
+    assert sum(counts.values()) == 45 and counts["test"] == 5 and counts["train"] >= 34
+    assert card["mpp"] == pytest.approx(0.5 * 96 / 80)
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pth"))
+
+    # Resume: one more epoch continues from the checkpoint, history kept.
+    bundle2 = train_classifier(TrainClassifierConfig(**{**cfg.__dict__, "epochs": 5}))
+    hist2 = bundle2.card["training"]["history"]
+    assert len(hist2) == 5 and hist2[:4] == hist
+
+    report = evaluate_classifier(out, data, tmp_path / "eval", split="test", device="cpu", threads=2)
+    assert report.n == 5 and (tmp_path / "eval" / "report.md").is_file()
+    assert ModelBundle.load(out).card["split_seed"] == 3
+    # Different data → the saved split cannot be reproduced → refused.
+    (data / "disc" / "disc_00.png").unlink()
+    with pytest.raises(ConfigError, match="training split"):
+        evaluate_classifier(out, data, tmp_path / "eval2", split="test", device="cpu", threads=2)
+
+
+def test_grad_cam_heatmaps() -> None:
+    import torch
+
+    from wsiflow.models.inception import build_inception_v3
+    from wsiflow.train.gradcam import grad_cam, overlay
+
+    torch.manual_seed(0)
+    model = build_inception_v3(3).eval()
+    img = np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
+    cams = grad_cam(model, img, [0.5] * 3, [0.2] * 3, targets=[1, 2])
+    assert [c.target for c in cams] == [1, 2]
+    for c in cams:
+        assert c.heatmap.shape == (96, 96) and 0.0 <= c.heatmap.min() and c.heatmap.max() <= 1.0
+        assert c.probs.shape == (3,)
+    assert overlay(img[0], cams[0].heatmap).shape == (96, 96, 3)
+    with pytest.raises(Exception, match="no layer"):
+        grad_cam(model, img, [0.5] * 3, [0.2] * 3, layer="nope")

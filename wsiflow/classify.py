@@ -1,0 +1,154 @@
+"""Cell crops → class probabilities with a classifier bundle.
+
+:func:`crop_cells` is pure numpy/PIL: the paper's rule (``bbox-square``) pads each cell's
+bounding box, takes the square around its centre, zero-pads whatever falls outside the
+image and resizes to the network input. :class:`Classifier` runs the bundle's network on
+such crops in batches (channels_last, ``torch.inference_mode``, autocast on CUDA only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from wsiflow.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from wsiflow.config import Classifier as ClassifierConfig
+    from wsiflow.models.bundle import ModelBundle
+
+__all__ = ["Classifier", "crop_cells", "predict_probs", "square_box"]
+
+
+def square_box(bbox_img: np.ndarray, pad_px: float) -> tuple[int, int, int]:
+    """(x0, y0, x1, y1) in image px → integer square (left, top, side) around its centre."""
+    x0, y0, x1, y1 = (float(v) for v in bbox_img)
+    side = max(x1 - x0, y1 - y0) + 2 * pad_px
+    side_i = max(1, math.ceil(side))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return math.floor(cx - side_i / 2 + 0.5), math.floor(cy - side_i / 2 + 0.5), side_i
+
+
+def crop_cells(
+    image: np.ndarray,
+    origin_xy: tuple[float, float],
+    scale: float,
+    bboxes: np.ndarray,
+    pad_px: float,
+    out_px: int,
+) -> np.ndarray:
+    """Square, zero-padded crops of each cell, resized to ``out_px`` → uint8 (n, out_px, out_px, 3).
+
+    ``image`` is RGB read at the classifier's µm/px, its top-left at level-0 ``origin_xy``;
+    ``scale`` is level-0 px per image px; ``bboxes`` are level-0 (x0, y0, x1, y1);
+    ``pad_px`` is the margin added on every side, in image px.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (h, w, 3) RGB, got shape {image.shape}")
+    if scale <= 0:
+        raise ValueError("scale must be positive")
+    boxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
+    out = np.zeros((len(boxes), out_px, out_px, 3), dtype=np.uint8)
+    h, w = image.shape[:2]
+    ox, oy = origin_xy
+    for i, b in enumerate(boxes):
+        img_box = np.array(
+            [(b[0] - ox) / scale, (b[1] - oy) / scale, (b[2] - ox) / scale, (b[3] - oy) / scale]
+        )
+        left, top, side = square_box(img_box, pad_px)
+        canvas = np.zeros((side, side, 3), dtype=np.uint8)
+        sx0, sy0 = max(left, 0), max(top, 0)
+        sx1, sy1 = min(left + side, w), min(top + side, h)
+        if sx1 > sx0 and sy1 > sy0:
+            canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
+        if side == out_px:
+            out[i] = canvas
+        else:
+            out[i] = np.asarray(Image.fromarray(canvas).resize((out_px, out_px), Image.Resampling.BILINEAR))
+    return out
+
+
+def predict_probs(
+    model: nn.Module,
+    images: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    tta: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities float32 (n, K) for uint8 (n, h, w, 3) images.
+
+    ``tta``: average the probabilities over the 8 flips/90° rotations of each image (8× the
+    compute; cells have no orientation, so this is a legitimate test-time augmentation).
+    """
+    import torch
+
+    dev = torch.device(device)
+    m = torch.tensor(list(mean), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    chunks: list[np.ndarray] = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(dev)
+            x = ((batch.permute(0, 3, 1, 2).float() / 255.0 - m) / s).contiguous(
+                memory_format=torch.channels_last
+            )
+            views = [x]
+            if tta:
+                views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+            acc = None
+            for v in views:
+                with torch.autocast(device_type="cuda", enabled=dev.type == "cuda"):
+                    logits = model(v.contiguous(memory_format=torch.channels_last))
+                p = torch.softmax(logits.float(), dim=1)
+                acc = p if acc is None else acc + p
+            assert acc is not None
+            chunks.append((acc / len(views)).cpu().numpy().astype(np.float32))
+    if not chunks:
+        fc = getattr(model, "fc", None)
+        k = int(fc.out_features) if isinstance(fc, torch.nn.Linear) else 0
+        return np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(chunks)
+
+
+class Classifier:
+    """A loaded classifier bundle, ready to score crops made by :func:`crop_cells`."""
+
+    def __init__(self, bundle: ModelBundle, cfg: ClassifierConfig, device: str = "cpu") -> None:
+        import torch
+
+        if bundle.task != "classifier":
+            raise ModelError(
+                f"{bundle.weights_path}: a classifier bundle is needed, this one is a {bundle.task}"
+            )
+        if bundle.input_px is not None and bundle.input_px != cfg.input_px:
+            raise ModelError(
+                f"{bundle.weights_path}: the bundle was trained at {bundle.input_px} px but the pipeline "
+                f"sets classifier.input_px = {cfg.input_px}"
+            )
+        self.bundle = bundle
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = bundle.build(self.device).to(memory_format=torch.channels_last)
+        self.classes = bundle.class_codes
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 (n, input_px, input_px, 3) crops → float32 (n, K) softmax probabilities."""
+        if crops.ndim != 4 or crops.shape[1:] != (self.cfg.input_px, self.cfg.input_px, 3):
+            raise ValueError(
+                f"crops must be (n, {self.cfg.input_px}, {self.cfg.input_px}, 3), got {crops.shape}"
+            )
+        if len(crops) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return predict_probs(
+            self.model, crops, self.bundle.mean, self.bundle.std, self.device, self.cfg.batch_size
+        )

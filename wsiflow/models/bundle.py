@@ -1,0 +1,297 @@
+"""Model bundles: ``<name>.safetensors`` weights + ``<name>.json`` card (DESIGN §5).
+
+The card says what the weights are (architecture and kwargs, classes, input size, µm/px,
+normalisation, training data and licence, metrics) and holds the sha256 of the weights
+file. Loading verifies that sha256 (and the pipeline's pin, when it has one) and reads
+tensors with safetensors only: pickle-based formats (``.pt``, ``.pth``, ``.ckpt``) are
+refused, because unpickling a file can execute arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from wsiflow._version import __version__
+from wsiflow.errors import BundleIntegrityError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from wsiflow.config import Pipeline
+
+__all__ = [
+    "FORMAT",
+    "ModelBundle",
+    "atomic_write_bytes",
+    "check_taxonomy",
+    "file_sha256",
+    "resolve_bundle",
+    "save_bundle",
+    "shipped_bundles",
+]
+
+FORMAT = "wsiflow-bundle/1"
+WEIGHTS_PACKAGE = "wsiflow.weights"
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar", ".joblib"})
+REQUIRED_KEYS = (
+    "format",
+    "name",
+    "task",
+    "architecture",
+    "kwargs",
+    "classes",
+    "mpp",
+    "normalization",
+    "sha256",
+)
+_PICKLE_REASON = (
+    "pickle-based weight files are refused because unpickling can execute arbitrary code; "
+    "convert the weights to .safetensors with a JSON card (see `wsiflow train`)"
+)
+
+
+def _readable(path: Path) -> None:
+    """Give a temp file the permissions a plain ``open`` would (mkstemp makes them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        _readable(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _weights_dir() -> Path:
+    return Path(str(resources.files(WEIGHTS_PACKAGE)))
+
+
+def shipped_bundles() -> dict[str, Path]:
+    """Bundle names shipped in ``wsiflow/weights`` → their ``.safetensors`` path."""
+    root = _weights_dir()
+    return {p.stem: p for p in sorted(root.glob("*.safetensors")) if p.with_suffix(".json").is_file()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_bundle(ref: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """A bundle name or a path to either file → (weights path, card path). Refuses pickle."""
+    text = str(ref)
+    path = Path(text)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelError(f"{path}: {_PICKLE_REASON}")
+    if suffix in (".safetensors", ".json"):
+        weights, card = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    elif "/" not in text and os.sep not in text and not path.exists():
+        weights = _weights_dir() / f"{text}.safetensors"
+        card = weights.with_suffix(".json")
+        if not weights.is_file():
+            known = ", ".join(shipped_bundles()) or "none"
+            raise ModelError(
+                f"unknown model bundle {text!r} (shipped: {known}; or give a path to a .safetensors file)"
+            )
+    else:
+        raise ModelError(f"{path}: a model bundle is a .safetensors file with a .json card beside it")
+    for p in (weights, card):
+        if not p.is_file():
+            raise ModelError(f"{p}: bundle file not found")
+    with weights.open("rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise ModelError(
+            f"{weights}: this is a pickle/zip (torch.save) file, not safetensors; {_PICKLE_REASON}"
+        )
+    return weights, card
+
+
+def _read_card(card_path: Path) -> dict[str, Any]:
+    try:
+        card = orjson.loads(card_path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ModelError(f"{card_path}: invalid JSON card ({exc})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{card_path}: the card must be a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in card]
+    if missing:
+        raise ModelError(f"{card_path}: card lacks {', '.join(missing)}")
+    if card["format"] != FORMAT:
+        raise ModelError(f"{card_path}: unsupported card format {card['format']!r} (expected {FORMAT!r})")
+    if card["task"] not in ("classifier", "segmenter"):
+        raise ModelError(f"{card_path}: task must be 'classifier' or 'segmenter', got {card['task']!r}")
+    if not isinstance(card["classes"], list) or not all(
+        isinstance(c, dict) and "code" in c for c in card["classes"]
+    ):
+        raise ModelError(f"{card_path}: classes must be a list of objects with a 'code'")
+    return card
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A verified bundle: the card plus the path and sha256 of its weights."""
+
+    card: dict[str, Any]
+    weights_path: Path
+    card_path: Path
+    sha256: str
+
+    @classmethod
+    def load(cls, ref: str | os.PathLike[str], expected_sha256: str | None = None) -> ModelBundle:
+        weights, card_path = resolve_bundle(ref)
+        card = _read_card(card_path)
+        digest = file_sha256(weights)
+        if expected_sha256 is not None and digest != expected_sha256.lower():
+            raise BundleIntegrityError(
+                f"{weights}: sha256 {digest} does not match the pinned {expected_sha256.lower()}"
+            )
+        if card["sha256"] != digest:
+            raise BundleIntegrityError(
+                f"{weights}: sha256 {digest} does not match its card ({card['sha256']}); "
+                "the weights were changed"
+            )
+        return cls(card=card, weights_path=weights, card_path=card_path, sha256=digest)
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def task(self) -> str:
+        return str(self.card["task"])
+
+    @property
+    def class_codes(self) -> tuple[str, ...]:
+        return tuple(str(c["code"]) for c in self.card["classes"])
+
+    @property
+    def input_px(self) -> int | None:
+        v = self.card.get("input_px")
+        return int(v) if v is not None else None
+
+    @property
+    def mpp(self) -> float:
+        return float(self.card["mpp"])
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        m = self.card["normalization"]["mean"]
+        return (float(m[0]), float(m[1]), float(m[2]))
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        s = self.card["normalization"]["std"]
+        return (float(s[0]), float(s[1]), float(s[2]))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as float32 (fp16-stored tensors are widened) CPU tensors."""
+        import torch
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.weights_path))
+        except Exception as exc:
+            raise ModelError(f"{self.weights_path}: cannot read safetensors ({exc})") from None
+        return {
+            k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v)
+            for k, v in tensors.items()
+        }
+
+    def build(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The network with these weights, in eval mode, on ``device``."""
+        from wsiflow.models.registry import build_model
+
+        model = build_model(str(self.card["architecture"]), dict(self.card["kwargs"]))
+        try:
+            model.load_state_dict(self.state_dict(), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelError(
+                f"{self.weights_path}: weights do not fit {self.card['architecture']} ({first})"
+            ) from None
+        return model.to(device).eval()
+
+
+def check_taxonomy(card: dict[str, Any], pipeline: Pipeline) -> None:
+    """A classifier's output classes must be the pipeline's taxonomy, code for code, in order."""
+    if card.get("task") != "classifier":
+        return
+    codes = tuple(str(c["code"]) for c in card["classes"])
+    if codes != pipeline.class_codes:
+        raise ModelError(
+            f"classifier {card.get('name')!r} predicts {list(codes)} but pipeline {pipeline.name!r} "
+            f"has taxonomy {list(pipeline.class_codes)}; they must match in order"
+        )
+
+
+def save_bundle(
+    model: nn.Module,
+    card: dict[str, Any],
+    path: str | os.PathLike[str],
+    fp16: bool = False,
+) -> ModelBundle:
+    """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the loaded bundle.
+
+    ``card`` supplies everything but ``format``, ``sha256``, ``created`` and
+    ``wsiflow_version``, which are filled in here. ``fp16`` stores floating tensors as
+    float16 (halving the file); loading always widens them back to float32.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    if target.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"{target}: {_PICKLE_REASON}")
+    weights = target.with_suffix(".safetensors")
+    card_path = target.with_suffix(".json")
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu")
+        if fp16 and t.is_floating_point():
+            t = t.to(torch.float16)
+        tensors[k] = t.contiguous().clone()
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "name": str(card.get("name", target.stem))})
+    digest = file_sha256(tmp)
+    full = dict(card)
+    full.setdefault("name", target.stem)
+    full["format"] = FORMAT
+    full["sha256"] = digest
+    full["storage_dtype"] = "float16" if fp16 else "float32"
+    full["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    full["wsiflow_version"] = __version__
+    missing = [k for k in REQUIRED_KEYS if k not in full]
+    if missing:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"{card_path}: card lacks {', '.join(missing)}")
+    _readable(tmp)
+    os.replace(tmp, weights)
+    atomic_write_bytes(
+        card_path, orjson.dumps(full, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    )
+    return ModelBundle.load(weights)
