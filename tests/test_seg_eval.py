@@ -1,0 +1,68 @@
+"""Segmenter evaluation: pooled Dice/IoU and BCCD-style box recall/precision on known inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsiflow.config import Segmenter as SegCfg
+from wsiflow.segment import instances_from_probs
+from wsiflow.train.seg_eval import _pool, evaluate_bccd, evaluate_masks
+
+
+class FakeSeg:
+    """Predicts a fixed disc (centre 20,20, r 8) whatever the image."""
+
+    cfg = SegCfg(bundle="x", min_area_um2=1, max_area_um2=1e6)
+    mpp = 0.5
+
+    def probabilities(self, rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
+        yy, xx = np.indices(rgb.shape[:2])
+        return (((xx - 20) ** 2 + (yy - 20) ** 2) <= 64).astype(np.float32)
+
+    def segment(self, rgb, origin_xy, scale, mpp):
+        return instances_from_probs(self.probabilities(rgb), None, self.cfg, origin_xy, scale, mpp)
+
+
+def test_masks_dice_pooled(tmp_path: Path) -> None:
+    yy, xx = np.indices((40, 40))
+    disc = ((xx - 20) ** 2 + (yy - 20) ** 2) <= 64
+    half = disc & (xx < 20)
+    for name, m in [("a", disc), ("b", half)]:
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / f"{name}.bmp")
+        Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    pairs = [(tmp_path / "a.bmp", tmp_path / "a.png"), (tmp_path / "b.bmp", tmp_path / "b.png")]
+    rows = evaluate_masks(FakeSeg(), pairs, 0.5)  # type: ignore[arg-type]
+    assert rows[0]["dice"] == pytest.approx(1.0)
+    nd, nh = int(disc.sum()), int(half.sum())
+    assert rows[1]["dice"] == pytest.approx(2 * nh / (nd + nh))
+    pooled = _pool(rows)
+    assert pooled["dice"] == pytest.approx(2 * (nd + nh) / (2 * nd + nd + nh))
+    assert pooled["iou"] == pytest.approx((nd + nh) / (2 * nd))
+
+
+def test_bccd_recall_precision(tmp_path: Path) -> None:
+    root = tmp_path / "bccd"
+    for d in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (root / d).mkdir(parents=True)
+    (root / "ImageSets/Main/test.txt").write_text("im1\nim2\n")
+    boxes = {
+        "im1": [("WBC", (10, 10, 30, 30))],
+        "im2": [("WBC", (50, 50, 70, 70)), ("Platelets", (12, 12, 28, 28))],
+    }
+    for stem, objs in boxes.items():
+        Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg")
+        xml = "".join(
+            f"<object><name>{n}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+            f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+            for n, b in objs
+        )
+        (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation>{xml}</annotation>")
+    res = evaluate_bccd(FakeSeg(), root, "test", 0.5)  # type: ignore[arg-type]
+    # the fake detection at (20, 20) hits im1's WBC box, and misses im2's (it sits in a platelet box)
+    assert res["wbc_boxes"] == 3 - 1 and res["detections"] == 2
+    assert res["recall"] == pytest.approx(0.5) and res["precision"] == pytest.approx(0.5)
+    assert res["false_detections_in_platelet_boxes"] == 1

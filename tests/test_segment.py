@@ -1,0 +1,118 @@
+"""segment.py: probability maps of known discs → instances, polygons in level-0 px, limits, edges."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsiflow.config import Segmenter as SegCfg
+from wsiflow.models.bundle import save_bundle
+from wsiflow.models.unet import UNet
+from wsiflow.segment import Segmenter, instances_from_probs
+
+MPP = 0.5
+
+
+def discs(shape: tuple[int, int], specs: list[tuple[float, float, float]], value: float = 0.9) -> np.ndarray:
+    yy, xx = np.indices(shape)
+    out = np.zeros(shape, np.float32)
+    for cx, cy, r in specs:
+        out[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = value
+    return out
+
+
+CFG = SegCfg(
+    bundle="x", threshold=0.5, min_area_um2=15, max_area_um2=2000, min_distance_um=3, simplify_um=0.25
+)
+
+
+def test_touching_discs_split_by_distance_transform() -> None:
+    prob = discs((80, 100), [(35, 40, 12), (57, 40, 12)])  # overlap: one connected blob
+    from scipy import ndimage as ndi
+
+    assert ndi.label(prob > 0.5)[1] == 1
+    table, edge = instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP)
+    assert len(table) == 2
+    xs = sorted(table.x)
+    assert xs[0] == pytest.approx(35.5, abs=2) and xs[1] == pytest.approx(57.5, abs=2)
+    assert not edge.any()
+
+
+def test_nucleus_markers_split_touching_and_merge_lobes() -> None:
+    prob = discs((80, 120), [(30, 40, 13), (54, 40, 13), (95, 40, 13)])
+    nuc = discs((80, 120), [(30, 40, 5), (54, 40, 5), (91, 40, 3), (99, 40, 3)])  # 3rd: two lobes 2 px apart
+    table, _ = instances_from_probs(prob, nuc, CFG, (0.0, 0.0), 1.0, MPP)
+    assert len(table) == 3
+    assert sorted(np.round(table.x).astype(int).tolist()) == pytest.approx([30, 54, 95], abs=2)
+
+
+def test_size_limits_and_scores() -> None:
+    # areas at 0.5 µm/px: r=3 px → 7 µm² (< 15, dropped); r=10 → 79 µm² (kept); r=60 → 2827 µm² (> 2000)
+    prob = discs((300, 300), [(20, 20, 3), (60, 60, 10), (180, 180, 60)], value=0.8)
+    table, _ = instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP)
+    assert len(table) == 1
+    assert table.area_um2[0] == pytest.approx(math.pi * 100 * MPP**2, rel=0.08)
+    assert table.perimeter_um[0] == pytest.approx(2 * math.pi * 10 * MPP, rel=0.1)
+    assert 0.85 < table.circularity[0] <= 1.0
+    assert table.seg_score[0] == pytest.approx(0.8, abs=1e-5)
+    assert table.class_id[0] == -1 and table.probs.shape == (1, 0)
+
+
+def test_level0_mapping_and_touches_edge() -> None:
+    origin, scale = (1000.0, 2000.0), 4.0
+    prob = discs((100, 120), [(50, 50, 10), (3, 70, 10)])  # 2nd is cut by the left edge
+    table, edge = instances_from_probs(prob, None, CFG, origin, scale, MPP)
+    assert len(table) == 2
+    i = int(np.argmax(table.x))
+    assert table.x[i] == pytest.approx(origin[0] + 50.5 * scale, abs=0.5 * scale)
+    assert table.y[i] == pytest.approx(origin[1] + 50.5 * scale, abs=0.5 * scale)
+    poly = table.polygon(i)
+    d = np.hypot(poly[:, 0] - table.x[i], poly[:, 1] - table.y[i])
+    assert np.all(np.abs(d - 10 * scale) < 1.5 * scale)
+    assert len(poly) >= 8 and not np.array_equal(poly[0], poly[-1])  # open ring
+    x0, y0, x1, y1 = table.bbox[i]
+    assert x0 == pytest.approx(origin[0] + 40 * scale) and x1 == pytest.approx(origin[0] + 61 * scale)
+    assert y0 == pytest.approx(origin[1] + 40 * scale) and y1 == pytest.approx(origin[1] + 61 * scale)
+    assert edge[1 - i] and not edge[i]
+
+
+def test_empty_and_ids() -> None:
+    table, edge = instances_from_probs(np.zeros((50, 50), np.float32), None, CFG, (0.0, 0.0), 1.0, MPP)
+    assert len(table) == 0 and edge.shape == (0,)
+    prob = discs((64, 64), [(30, 30, 9)])
+    table, _ = instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP)
+    assert table.id.tolist() == [0] and table.tile.tolist() == [0]
+
+
+def _bundle(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = UNet(3, 2, depth=2, width=4)
+    card = {
+        "name": "tiny-seg",
+        "task": "segmenter",
+        "architecture": "unet",
+        "kwargs": {"in_ch": 3, "out_ch": 2, "depth": 2, "width": 4},
+        "classes": [{"code": "cell"}, {"code": "nucleus"}],
+        "input_px": None,
+        "mpp": 0.5,
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    }
+    save_bundle(model.eval(), card, tmp_path / "tiny-seg.safetensors")
+    return tmp_path / "tiny-seg.safetensors"
+
+
+def test_segmenter_end_to_end_shapes(tmp_path: Path) -> None:
+    seg = Segmenter(str(_bundle(tmp_path)), CFG)
+    rgb = (np.random.default_rng(0).random((45, 67, 3)) * 255).astype(np.uint8)
+    p = seg.probabilities(rgb)
+    assert p.shape == (45, 67) and p.dtype == np.float32 and (p >= 0).all() and (p <= 1).all()
+    cell, nuc = seg.probability_maps(rgb, mpp=0.25)  # resampled to the card's 0.5 µm/px and back
+    assert cell.shape == (45, 67) and nuc is not None and nuc.shape == (45, 67)
+    table, edge = seg.segment(rgb, (10.0, 20.0), 2.0, 0.5)
+    assert len(table) == len(edge)
+    if len(table):
+        assert (table.x >= 10).all() and (table.x <= 10 + 67 * 2).all()

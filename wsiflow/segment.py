@@ -1,0 +1,265 @@
+"""U-Net probability map → nucleated-cell instances → polygons in level-0 pixels.
+
+Coordinates: pixel ``(row i, col j)`` of the segmentation image covers level-0
+``[origin_x + j·scale, origin_x + (j+1)·scale)`` horizontally (likewise vertically), so its
+centre is at ``origin + (index + 0.5)·scale``. Centroids and polygon vertices use pixel
+centres; bounding boxes use pixel edges (``x1``/``y1`` exclusive).
+
+Instances: threshold the cell probability, fill holes, drop specks; touching cells are split
+by a marker watershed on the distance transform. Markers are the predicted nuclei when the
+bundle has a nucleus channel (nucleus components closer than ``min_distance_um`` are
+merged, so a lobed neutrophil nucleus stays one cell), otherwise peaks of the distance
+transform at least ``min_distance_um`` apart; any cell region left without a marker keeps
+its own label. Polygons come from the label mask (marching squares on each cell's lightly blurred crop),
+simplified with shapely by ``simplify_um``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from scipy import ndimage as ndi
+from shapely import Polygon
+from skimage.feature import peak_local_max
+from skimage.measure import find_contours
+from skimage.morphology import disk, remove_small_objects
+from skimage.segmentation import watershed
+
+from wsiflow.cells import CellTable
+from wsiflow.config import Segmenter as SegmenterConfig
+from wsiflow.errors import ModelError
+from wsiflow.models.bundle import ModelBundle
+
+if TYPE_CHECKING:
+    import os
+
+__all__ = ["Segmenter", "cell_mask", "instances_from_probs", "polygons_from_labels"]
+
+CONTOUR_SIGMA = 0.7  # px
+MPP_TOLERANCE = 0.1  # relative µm/px mismatch above which the input is resampled to the card's
+
+
+class Segmenter:
+    """A loaded U-Net segmenter bundle plus the pipeline's post-processing settings."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle | str | os.PathLike[str],
+        cfg: SegmenterConfig,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(bundle, ModelBundle):
+            bundle = ModelBundle.load(bundle, cfg.sha256)
+        if bundle.task != "segmenter":
+            raise ModelError(
+                f"{bundle.weights_path}: bundle {bundle.name!r} is a {bundle.task}, not a segmenter"
+            )
+        self.bundle = bundle
+        self.cfg = cfg
+        self.device = torch.device(device)
+        model = bundle.build(self.device)
+        self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.codes = bundle.class_codes
+        self.has_nucleus = len(self.codes) > 1 and self.codes[1] == "nucleus"
+        self.mpp = bundle.mpp
+        self._mean = torch.tensor(bundle.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(bundle.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def probability_maps(
+        self, rgb: NDArray[np.uint8], mpp: float | None = None
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+        """(cell, nucleus or None) sigmoid probabilities (H, W) for an RGB image.
+
+        ``mpp``: µm/px of ``rgb``; when it differs from the bundle's by more than 10% the
+        image is resampled to the bundle's µm/px and the maps back to the input size.
+        """
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+        h, w = rgb.shape[:2]
+        x = (
+            torch.from_numpy(np.ascontiguousarray(rgb))
+            .to(self.device)
+            .permute(2, 0, 1)[None]
+            .float()
+            .div_(255)
+        )
+        if mpp is not None and abs(mpp / self.mpp - 1) > MPP_TOLERANCE:
+            size = (max(1, round(h * mpp / self.mpp)), max(1, round(w * mpp / self.mpp)))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=mpp < self.mpp)
+        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        probs = torch.sigmoid(logits.float())
+        if probs.shape[-2:] != (h, w):
+            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+        out = probs[0].cpu().numpy().astype(np.float32)
+        return out[0], (out[1] if self.has_nucleus else None)
+
+    def probabilities(self, rgb: NDArray[np.uint8], mpp: float | None = None) -> NDArray[np.float32]:
+        """Cell probability (H, W) float32 for an RGB uint8 image at the segmenter's µm/px."""
+        return self.probability_maps(rgb, mpp)[0]
+
+    def segment(
+        self,
+        rgb: NDArray[np.uint8],
+        origin_xy: tuple[float, float],
+        scale: float,
+        mpp: float,
+    ) -> tuple[CellTable, NDArray[np.bool_]]:
+        """Cells of ``rgb`` (read at ``mpp`` µm/px; its top-left is level-0 ``origin_xy``;
+        ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,))."""
+        cell, nucleus = self.probability_maps(rgb, mpp)
+        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp)
+
+
+def _labels(
+    prob: NDArray[np.float32],
+    nucleus: NDArray[np.float32] | None,
+    cfg: SegmenterConfig,
+    mpp: float,
+) -> NDArray[np.int32]:
+    fg = ndi.binary_fill_holes(prob > cfg.threshold)
+    speck = max(1, int(0.5 * cfg.min_area_um2 / (mpp * mpp)))
+    fg = remove_small_objects(fg, max_size=speck)
+    if not fg.any():
+        return np.zeros(prob.shape, np.int32)
+    dist = ndi.distance_transform_edt(fg)
+    min_px = max(1, round(cfg.min_distance_um / mpp))
+    markers = np.zeros(prob.shape, np.int32)
+    if nucleus is not None:
+        nuc = (nucleus > 0.5) & fg
+        nuc = remove_small_objects(nuc, max_size=max(1, int(2.0 / (mpp * mpp))))
+        # merge nucleus fragments (lobes) closer than min_distance: label a closed copy
+        joined = ndi.binary_closing(nuc, disk(max(1, min_px // 2))) & fg | nuc
+        lab, _ = ndi.label(joined)
+        markers = np.where(nuc, lab, 0).astype(np.int32)
+    else:
+        comp, _ = ndi.label(fg)
+        peaks = peak_local_max(dist, min_distance=min_px, labels=comp, exclude_border=False)
+        markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    labels = watershed(-dist, markers, mask=fg).astype(np.int32)
+    orphan = fg & (labels == 0)  # regions of the foreground that no marker reached
+    if orphan.any():
+        extra, _ = ndi.label(orphan)
+        labels = np.where(orphan, extra + labels.max(), labels).astype(np.int32)
+    return labels
+
+
+def cell_mask(prob: NDArray[np.float32], cfg: SegmenterConfig, mpp: float) -> NDArray[np.bool_]:
+    """Semantic cell mask: threshold, fill holes, drop connected regions outside the size limits."""
+    fg = ndi.binary_fill_holes(prob > cfg.threshold)
+    lab, n = ndi.label(fg)
+    if n == 0:
+        return np.zeros(prob.shape, bool)
+    area = np.bincount(lab.ravel(), minlength=n + 1) * (mpp * mpp)
+    ok = (area >= cfg.min_area_um2) & (area <= cfg.max_area_um2)
+    ok[0] = False
+    return np.asarray(ok[lab], dtype=bool)
+
+
+def polygons_from_labels(
+    labels: NDArray[np.int32],
+    ids: NDArray[np.int64],
+    simplify_px: float,
+) -> tuple[list[NDArray[np.float64]], NDArray[np.float64]]:
+    """Outer contour of each label in ``ids`` (open ring, (x, y) at pixel centres) and its length (px)."""
+    slices = ndi.find_objects(labels)
+    rings: list[NDArray[np.float64]] = []
+    lengths = np.zeros(len(ids))
+    for k, lab in enumerate(ids):
+        sl = slices[lab - 1]
+        assert sl is not None
+        y0, x0 = sl[0].start, sl[1].start
+        crop = np.pad((labels[sl] == lab).astype(np.float32), 2)
+        # a light blur before marching squares removes the pixel staircase (whose length
+        # overstates the perimeter by ~8%) while keeping the enclosed area
+        contours = find_contours(ndi.gaussian_filter(crop, CONTOUR_SIGMA), 0.5) or find_contours(crop, 0.5)
+        c = max(contours, key=len)  # (row, col) in the padded crop; closed
+        xy = np.column_stack([c[:, 1] + x0 - 2, c[:, 0] + y0 - 2])
+        lengths[k] = float(np.hypot(*np.diff(xy, axis=0).T).sum())
+        poly = Polygon(xy)
+        if simplify_px > 0:
+            simple = poly.simplify(simplify_px, preserve_topology=True)
+            if isinstance(simple, Polygon) and not simple.is_empty and len(simple.exterior.coords) >= 4:
+                poly = simple
+        ring = np.asarray(poly.exterior.coords)[:-1]
+        rings.append(ring)
+    return rings, lengths
+
+
+def instances_from_probs(
+    prob: NDArray[np.float32],
+    nucleus: NDArray[np.float32] | None,
+    cfg: SegmenterConfig,
+    origin_xy: tuple[float, float],
+    scale: float,
+    mpp: float,
+) -> tuple[CellTable, NDArray[np.bool_]]:
+    """Probability maps → (CellTable, touches_edge). See the module docstring for conventions."""
+    labels = _labels(prob, nucleus, cfg, mpp)
+    n_lab = int(labels.max())
+    if n_lab == 0:
+        return CellTable.empty(0), np.zeros(0, bool)
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n_lab + 1)
+    area_um2 = counts * (mpp * mpp)
+    keep = np.flatnonzero((counts > 0) & (area_um2 >= cfg.min_area_um2) & (area_um2 <= cfg.max_area_um2))
+    keep = keep[keep > 0].astype(np.int64)
+    if len(keep) == 0:
+        return CellTable.empty(0), np.zeros(0, bool)
+    h, w = labels.shape
+    rows, cols = np.indices((h, w))
+    sum_r = np.bincount(flat, weights=rows.ravel(), minlength=n_lab + 1)
+    sum_c = np.bincount(flat, weights=cols.ravel(), minlength=n_lab + 1)
+    sum_p = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n_lab + 1)
+    border = np.zeros(n_lab + 1, bool)
+    border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    slices = ndi.find_objects(labels)
+    bbox_px = np.zeros((len(keep), 4))
+    for k, lab in enumerate(keep):
+        sl = slices[lab - 1]
+        assert sl is not None
+        bbox_px[k] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+    simplify_px = cfg.simplify_um / mpp
+    rings, lengths = polygons_from_labels(labels, keep, simplify_px)
+
+    ox, oy = float(origin_xy[0]), float(origin_xy[1])
+    n = len(keep)
+    cnt = counts[keep].astype(np.float64)
+    x = ox + (sum_c[keep] / cnt + 0.5) * scale
+    y = oy + (sum_r[keep] / cnt + 0.5) * scale
+    bbox = np.empty((n, 4))
+    bbox[:, [0, 2]] = ox + bbox_px[:, [0, 2]] * scale
+    bbox[:, [1, 3]] = oy + bbox_px[:, [1, 3]] * scale
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum([len(r) for r in rings], out=offsets[1:])
+    poly_px = np.concatenate(rings) if rings else np.zeros((0, 2))
+    poly_xy = np.column_stack([ox + (poly_px[:, 0] + 0.5) * scale, oy + (poly_px[:, 1] + 0.5) * scale])
+    a_um2 = area_um2[keep].astype(np.float64)
+    perim_um = lengths * mpp
+    circ = np.clip(4 * math.pi * a_um2 / np.maximum(perim_um, 1e-9) ** 2, 0, 1)
+    table = CellTable(
+        id=np.zeros(n, np.int64),
+        x=x,
+        y=y,
+        bbox=bbox,
+        poly_offsets=offsets,
+        poly_xy=poly_xy.astype(np.float32),
+        area_um2=a_um2.astype(np.float32),
+        perimeter_um=perim_um.astype(np.float32),
+        circularity=circ.astype(np.float32),
+        seg_score=(sum_p[keep] / cnt).astype(np.float32),
+        class_id=np.full(n, -1, np.int16),
+        probs=np.zeros((n, 0), np.float32),
+        tile=np.zeros(n, np.int64),
+    )
+    return table, border[keep]

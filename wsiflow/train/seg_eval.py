@@ -1,0 +1,210 @@
+"""Segmenter evaluation: Dice/IoU against expert masks; WBC box recall/precision on BCCD fields.
+
+Masks (wbc-seg convention 0/128/255 or any 0/>0 mask): the predicted cell mask
+(:func:`wsiflow.segment.cell_mask`: threshold, holes filled, regions outside the size
+limits dropped) is compared with cell = mask > 0 at the image's own resolution; the image
+is resampled to the bundle's µm/px for the U-Net and the probabilities back. Reported per
+image, per data set (pooled pixels and mean over images) and overall.
+
+BCCD (Pascal VOC boxes): detected cells (instances after watershed and size limits) are
+matched to WBC boxes by centroid; recall = WBC boxes containing ≥ 1 centroid; precision =
+detections whose centroid lies in some WBC box (BCCD boxes only WBCs among nucleated
+cells, so anything else counts as false).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsiflow.config import Segmenter as SegmenterConfig
+from wsiflow.errors import WsiflowError
+from wsiflow.models.bundle import ModelBundle
+from wsiflow.segment import Segmenter, cell_mask
+from wsiflow.train.seg_data import BCCD_MPP, find_pairs, load_pair, read_rgb, resample_pair, voc_boxes
+from wsiflow.train.segmenter import dice_iou
+
+__all__ = ["evaluate_bccd", "evaluate_masks", "evaluate_segmenter"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_masks(
+    seg: Segmenter, pairs: Iterable[tuple[Path, Path]], mpp: float, dataset: str = ""
+) -> list[dict[str, Any]]:
+    """One row per image: Dice, IoU and the pixel counts needed to pool them."""
+    rows = []
+    for img_path, mask_path in pairs:
+        pair = load_pair(img_path, mask_path)
+        prob = seg.probabilities(pair.rgb, mpp)
+        pred = cell_mask(prob, seg.cfg, mpp)
+        d, i = dice_iou(pred, pair.cell)
+        rows.append(
+            {
+                "dataset": dataset,
+                "image": img_path.name,
+                "dice": d,
+                "iou": i,
+                "inter": int((pred & pair.cell).sum()),
+                "pred": int(pred.sum()),
+                "truth": int(pair.cell.sum()),
+            }
+        )
+    return rows
+
+
+def _pool(rows: list[dict[str, Any]]) -> dict[str, float]:
+    inter = sum(r["inter"] for r in rows)
+    pred = sum(r["pred"] for r in rows)
+    truth = sum(r["truth"] for r in rows)
+    return {
+        "n_images": len(rows),
+        "dice": 2 * inter / (pred + truth) if pred + truth else 1.0,
+        "iou": inter / (pred + truth - inter) if pred + truth - inter else 1.0,
+        "mean_dice": float(np.mean([r["dice"] for r in rows])) if rows else float("nan"),
+        "mean_iou": float(np.mean([r["iou"] for r in rows])) if rows else float("nan"),
+        "median_dice": float(np.median([r["dice"] for r in rows])) if rows else float("nan"),
+    }
+
+
+def evaluate_bccd(seg: Segmenter, root: Path, split: str = "test", mpp: float = BCCD_MPP) -> dict[str, Any]:
+    """WBC box recall / precision by detected-cell centroids on BCCD ``ImageSets/Main/<split>.txt``."""
+    ids = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+    rows = []
+    tp_boxes = n_boxes = tp_det = n_det = plt_hits = 0
+    for stem in ids:
+        rgb = read_rgb(root / "JPEGImages" / f"{stem}.jpg")
+        ann = root / "Annotations" / f"{stem}.xml"
+        wbc = np.array(voc_boxes(ann, "WBC"), float).reshape(-1, 4)
+        plt = np.array(voc_boxes(ann, "Platelets"), float).reshape(-1, 4)
+        # as the pipeline does: read at the segmenter's µm/px, geometry back in image px
+        small, _ = resample_pair(rgb, (), mpp, seg.mpp)
+        scale = rgb.shape[1] / small.shape[1]
+        table, _ = seg.segment(small, (0.0, 0.0), scale, seg.mpp)
+        x, y = table.x, table.y  # image coordinates (level-0 of this field)
+        inside = (x[:, None] >= wbc[None, :, 0]) & (x[:, None] <= wbc[None, :, 2])
+        inside &= (y[:, None] >= wbc[None, :, 1]) & (y[:, None] <= wbc[None, :, 3])
+        in_plt = (x[:, None] >= plt[None, :, 0]) & (x[:, None] <= plt[None, :, 2])
+        in_plt &= (y[:, None] >= plt[None, :, 1]) & (y[:, None] <= plt[None, :, 3])
+        found = inside.any(axis=0)
+        good = inside.any(axis=1)
+        tp_boxes += int(found.sum())
+        n_boxes += len(wbc)
+        tp_det += int(good.sum())
+        n_det += len(table)
+        plt_hits += int((in_plt.any(axis=1) & ~good).sum())
+        rows.append(
+            {
+                "image": stem,
+                "wbc_boxes": len(wbc),
+                "wbc_found": int(found.sum()),
+                "detections": len(table),
+                "in_wbc_box": int(good.sum()),
+                "areas_um2": [round(float(a), 1) for a in table.area_um2],
+            }
+        )
+    return {
+        "split": split,
+        "mpp": mpp,
+        "n_images": len(ids),
+        "wbc_boxes": n_boxes,
+        "detections": n_det,
+        "recall": tp_boxes / n_boxes if n_boxes else float("nan"),
+        "precision": tp_det / n_det if n_det else float("nan"),
+        "false_detections_in_platelet_boxes": plt_hits,
+        "per_image": rows,
+    }
+
+
+def _mask_sets(data: Path) -> list[tuple[str, Path, Path]]:
+    """(dataset name, images folder, masks folder) for the layouts evaluate understands."""
+    if (data / "images").is_dir() and (data / "masks").is_dir():
+        return [(data.name, data / "images", data / "masks")]
+    subs = [p for p in sorted(data.iterdir()) if p.is_dir()]
+    sets = []
+    for sub in subs:
+        if (sub / "images").is_dir() and (sub / "masks").is_dir():
+            sets.append((sub.name, sub / "images", sub / "masks"))
+        elif any(p.suffix.lower() in (".bmp", ".jpg") for p in sub.iterdir()):
+            sets.append((sub.name, sub, sub))  # wbc-seg layout: NNN.bmp + NNN.png mask side by side
+    if not sets and any(p.suffix.lower() in (".bmp", ".jpg") for p in data.iterdir()):
+        sets.append((data.name, data, data))
+    if not sets:
+        raise WsiflowError(f"{data}: no images/ + masks/ folders, image+mask pairs or BCCD layout found")
+    return sets
+
+
+def evaluate_segmenter(
+    bundle: ModelBundle | str | Path,
+    data: Path,
+    out_dir: Path,
+    mpp: float | dict[str, float] | None = None,
+    cfg: SegmenterConfig | None = None,
+    split: str = "test",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a segmenter bundle on DATA and write ``seg_metrics.json``, ``per_image.csv``, ``summary.md``.
+
+    DATA: a BCCD root (``Annotations/``, ``ImageSets/``) → WBC box recall/precision on
+    ``split``; otherwise folders of images with masks → Dice/IoU. ``mpp``: µm/px of the
+    images (one value, or per data-set folder name); default: the bundle's µm/px.
+    """
+    b = bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
+    seg = Segmenter(b, cfg or SegmenterConfig(bundle=str(b.weights_path)), device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"bundle": b.name, "sha256": b.sha256, "data": str(data)}
+    md = [f"# Segmenter `{b.name}` on `{data}`", ""]
+    if (data / "Annotations").is_dir() and (data / "ImageSets").is_dir():
+        m = mpp if isinstance(mpp, float) else BCCD_MPP
+        res = evaluate_bccd(seg, data, split, m)
+        result["bccd"] = {k: v for k, v in res.items() if k != "per_image"}
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["image", "wbc_boxes", "wbc_found", "detections", "in_wbc_box"])
+        for r in res["per_image"]:
+            w.writerow([r["image"], r["wbc_boxes"], r["wbc_found"], r["detections"], r["in_wbc_box"]])
+        _write_atomic(out_dir / "per_image.csv", buf.getvalue())
+        md += [
+            "| split | images | WBC boxes | detections | recall | precision |",
+            "|---|---|---|---|---|---|",
+            f"| {split} | {res['n_images']} | {res['wbc_boxes']} | {res['detections']} | "
+            f"{res['recall']:.4f} | {res['precision']:.4f} |",
+        ]
+    else:
+        rows: list[dict[str, Any]] = []
+        per: dict[str, Any] = {}
+        for name, images, masks in _mask_sets(data):
+            m = mpp.get(name, b.mpp) if isinstance(mpp, dict) else (mpp or b.mpp)
+            r = evaluate_masks(seg, find_pairs(images, masks), m, name)
+            per[name] = {"mpp": m, **_pool(r)}
+            rows += r
+        result["datasets"] = per
+        result["overall"] = _pool(rows)
+        buf = io.StringIO()
+        dw = csv.DictWriter(buf, fieldnames=["dataset", "image", "dice", "iou", "inter", "pred", "truth"])
+        dw.writeheader()
+        dw.writerows(rows)
+        _write_atomic(out_dir / "per_image.csv", buf.getvalue())
+        md += [
+            "| data set | µm/px | images | Dice (pooled) | IoU (pooled) | mean Dice | mean IoU |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, v in [*per.items(), ("overall", {"mpp": "", **result["overall"]})]:
+            md.append(
+                f"| {name} | {v['mpp']} | {v['n_images']} | {v['dice']:.4f} | {v['iou']:.4f} | "
+                f"{v['mean_dice']:.4f} | {v['mean_iou']:.4f} |"
+            )
+    _write_atomic(out_dir / "seg_metrics.json", json.dumps(result, indent=1))
+    _write_atomic(out_dir / "summary.md", "\n".join(md) + "\n")
+    return result
