@@ -95,3 +95,19 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_pipeline(evil)
+
+
+def test_errors_survive_pickling() -> None:
+    # Dask returns exceptions from workers by pickling them.
+    import pickle
+
+    from wsiflow.errors import MppError, SlideError, SlideNotFound
+
+    for err in (
+        ConfigError("mds.yaml", "tiling.halo_um", "too small"),
+        SlideError("/a b/c.svs", "cannot read\n tile"),
+        SlideNotFound("/x.svs", "no such file"),
+        MppError("/y.svs", "no µm/px"),
+    ):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)

@@ -24,6 +24,10 @@ class ConfigError(WsiflowError, ValueError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {reason}" if key else f"{where}{reason}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str]]:
+        # Picklable, so Dask can return it from a worker.
+        return (type(self), (self.source, self.key, self.reason))
+
 
 class SlideError(WsiflowError):
     """A slide cannot be opened or read. One type for every backend failure."""
@@ -32,6 +36,10 @@ class SlideError(WsiflowError):
         self.path = str(path)
         self.reason = " ".join(str(reason).split()) or "unknown error"
         super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self) -> tuple[type[SlideError], tuple[str, str]]:
+        # Picklable, so Dask can return it from a worker.
+        return (type(self), (self.path, self.reason))
 
 
 class SlideNotFound(SlideError, FileNotFoundError):

@@ -1,0 +1,170 @@
+"""wsiflow.pipeline: per-batch work in-process (no Dask) on a generated smear with cells at
+known positions, several on tile seams: every cell exactly once, for two tile sizes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from standins import TILE_UM_A, TILE_UM_B, match_centres, standin_pipeline, write_smear
+
+from wsiflow.cells import ID_TILE_SHIFT, CellTable
+from wsiflow.config import Pipeline, parse_pipeline
+from wsiflow.errors import BundleIntegrityError, ModelError, SlideError
+from wsiflow.execution.tasks import TaskError, run_batch
+from wsiflow.pipeline import (
+    ModelRefs,
+    SlideRef,
+    clear_caches,
+    get_models,
+    get_slide,
+    process_batch,
+    resolve_models,
+)
+from wsiflow.tiling import TileGrid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine more threads spin and run far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    clear_caches()
+
+
+@pytest.fixture(scope="module")
+def smear(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    return write_smear(tmp_path_factory.mktemp("smear") / "smear.svs")
+
+
+def _pipe(models: tuple[Path, Path], tile_um: float) -> Pipeline:
+    return parse_pipeline(standin_pipeline(*models, tile_um=tile_um))
+
+
+def _run_all(slide: Path, pipe: Pipeline, refs: ModelRefs, batch: int = 3) -> tuple[CellTable, TileGrid]:
+    ref = SlideRef(str(slide))
+    s = get_slide(ref)
+    grid = TileGrid.from_pipeline(*s.dimensions, s.mpp, pipe)
+    tables = [process_batch(ref, grid.tiles[i : i + batch], pipe, refs) for i in range(0, len(grid), batch)]
+    return CellTable.concat(tables, n_classes=len(pipe.taxonomy)), grid
+
+
+@pytest.fixture(scope="module")
+def run_a(smear, standin_models):
+    pipe = _pipe(standin_models, TILE_UM_A)
+    refs, _ = resolve_models(pipe, "cpu")
+    table, grid = _run_all(smear[0], pipe, refs)
+    return pipe, refs, table, grid
+
+
+def test_every_cell_is_found_exactly_once(smear, run_a) -> None:
+    _, centres = smear
+    pipe, _, table, grid = run_a
+    found = np.column_stack([table.x, table.y])
+    # the seams of this grid really cut some cells
+    on_seam = np.isin(centres[:, 0], grid.x_edges[1:-1]) | np.isin(centres[:, 1], grid.y_edges[1:-1])
+    assert on_seam.sum() >= 5
+    assert len(table) == len(centres)
+    assert match_centres(found, centres) == [1] * len(centres)
+    # ownership: each cell lies in its tile's core; ids are per tile, sorted by (y, x)
+    owners = grid.owners(table.x, table.y)
+    assert np.array_equal(owners, table.tile)
+    assert np.array_equal(table.id >> ID_TILE_SHIFT, table.tile)
+    for t in np.unique(table.tile):
+        sub = table.take(table.tile == t)
+        assert np.array_equal(sub.id & ((1 << ID_TILE_SHIFT) - 1), np.arange(len(sub)))
+        order = np.lexsort((sub.x, sub.y))
+        assert np.array_equal(order, np.arange(len(sub)))
+    assert len(np.unique(table.id)) == len(table)
+    # classified: probabilities over the taxonomy, class = argmax
+    assert table.probs.shape == (len(table), len(pipe.taxonomy))
+    assert np.allclose(table.probs.sum(axis=1), 1, atol=1e-4)
+    assert np.array_equal(table.class_id, table.probs.argmax(axis=1))
+    # disc of radius 9 px at 0.5 µm/px: ~63.6 µm²
+    assert np.all(np.abs(table.area_um2 - np.pi * 81 * 0.25) < 8)
+
+
+def test_counts_identical_for_another_tile_size(smear, standin_models, run_a) -> None:
+    _, centres = smear
+    pipe_b = _pipe(standin_models, TILE_UM_B)
+    refs, _ = resolve_models(pipe_b, "cpu")
+    table_b, grid_b = _run_all(smear[0], pipe_b, refs, batch=4)
+    table_a = run_a[2]
+    assert len(grid_b) != len(run_a[3])
+    assert len(table_b) == len(table_a) == len(centres)
+    assert match_centres(np.column_stack([table_b.x, table_b.y]), centres) == [1] * len(centres)
+    # same cells, same geometry (order and ids differ with the grid)
+    a = np.sort(np.round(table_a.x * 1e3) + 1e7 * np.round(table_a.y))
+    b = np.sort(np.round(table_b.x * 1e3) + 1e7 * np.round(table_b.y))
+    assert np.array_equal(a, b)
+
+
+def test_batches_are_deterministic_whatever_the_batching(smear, run_a) -> None:
+    pipe, refs, table, grid = run_a
+    single = [process_batch(SlideRef(str(smear[0])), [t], pipe, refs) for t in grid.tiles]
+    assert CellTable.concat(single, n_classes=len(pipe.taxonomy)).sorted().equals(table.sorted())
+
+
+def test_models_and_slides_are_cached(smear, run_a) -> None:
+    pipe, refs, _, _ = run_a
+    assert get_models(refs, pipe) is get_models(refs, pipe)
+    ref = SlideRef(str(smear[0]))
+    assert get_slide(ref) is get_slide(ref)
+    other: list[object] = []
+    th = threading.Thread(target=lambda: other.append(get_slide(ref)))
+    th.start()
+    th.join()
+    assert other[0] is not get_slide(ref)  # one handle per thread
+
+
+def test_resolve_models_checks_taxonomy_pins_and_task(standin_models) -> None:
+    seg, cls = standin_models
+    data = standin_pipeline(seg, cls)
+    refs, bundles = resolve_models(parse_pipeline(data), "auto")
+    assert refs.segmenter == str(seg.resolve()) and refs.device == "auto"
+    assert [b.task for b in bundles] == ["segmenter", "classifier"]
+    assert all(b.card["demo"] for b in bundles)
+    wrong_tax = dict(data, taxonomy=list(reversed(data["taxonomy"])))
+    with pytest.raises(ModelError, match="taxonomy"):
+        resolve_models(parse_pipeline(wrong_tax), "cpu")
+    pinned = dict(data, segmenter={**data["segmenter"], "sha256": "0" * 64})
+    with pytest.raises(BundleIntegrityError):
+        resolve_models(parse_pipeline(pinned), "cpu")
+    swapped = dict(data, segmenter={**data["segmenter"], "bundle": str(cls)})
+    with pytest.raises(ModelError, match="not a segmenter"):
+        resolve_models(parse_pipeline(swapped), "cpu")
+
+
+def test_worker_errors_are_scoped(tmp_path: Path, smear, run_a) -> None:
+    pipe, refs, _, grid = run_a
+    missing = SlideRef(str(tmp_path / "gone.svs"))
+    with pytest.raises(SlideError):
+        process_batch(missing, grid.tiles[:1], pipe, refs)
+    with pytest.raises(TaskError) as exc:
+        run_batch(missing, grid.tiles[:1], pipe, refs)
+    assert exc.value.scope == "slide" and "gone.svs" in str(exc.value)
+    bad_refs = ModelRefs(refs.segmenter, "f" * 64, refs.classifier, refs.classifier_sha256, "cpu")
+    with pytest.raises(TaskError) as exc:
+        run_batch(SlideRef(str(smear[0])), grid.tiles[:1], pipe, bad_refs)
+    assert exc.value.scope == "run" and "sha256" in str(exc.value)
+
+
+def test_unreadable_tile_is_a_tile_error(shared_data: Path, standin_models) -> None:
+    """unreadable.svs opens but a JPEG tile fails to decode: the batch fails at tile scope."""
+    path = shared_data / "slides" / "unreadable.svs"
+    tiling = {"tile_um": 2048, "halo_um": 16.0, "max_object_um": 24.0}
+    pipe = parse_pipeline({**standin_pipeline(*standin_models), "tiling": tiling})
+    refs, _ = resolve_models(pipe, "cpu")
+    s = get_slide(SlideRef(str(path)))
+    grid = TileGrid.from_pipeline(*s.dimensions, s.mpp or 0.5, pipe)
+    with pytest.raises(TaskError) as exc:
+        run_batch(SlideRef(str(path)), grid.tiles, pipe, refs)
+    assert exc.value.scope == "tile"
+    clear_caches()
+

@@ -1,0 +1,184 @@
+"""Crash safety and worker loss (real subprocesses, real Dask):
+
+* a ``wsiflow run`` killed with SIGKILL mid-way leaves an incomplete store; ``--resume``
+  re-does only the tiles not done and ends with the same cells and summary as an
+  uninterrupted run;
+* killing one of two ``dask worker`` processes mid-run loses nothing: same cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from daskprocs import dask_pair
+from standins import match_centres, standin_pipeline, write_pipeline_yaml, write_smear
+
+from wsiflow.config import load_pipeline
+from wsiflow.errors import OutputError
+from wsiflow.execution.cluster import ClusterOptions, connect
+from wsiflow.execution.runner import NullReporter, Runner, RunOptions, SlideResult, check_outputs
+from wsiflow.pipeline import resolve_models
+from wsiflow.writers.zarr_store import CellStore, read_done
+
+pytestmark = pytest.mark.slow
+
+TILE_UM = 64.0  # 128 px cores: 8 × 6 = 48 tiles, so a run lasts long enough to be killed
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, standin_models):
+    d = tmp_path_factory.mktemp("resume")
+    smear, centres = write_smear(d / "smear.svs")
+    pipe_path = write_pipeline_yaml(d / "p.yaml", standin_pipeline(*standin_models, tile_um=TILE_UM))
+    return d, smear, centres, pipe_path
+
+
+def _runner(session, pipe_path: Path, out: Path, reporter=None, **kw) -> Runner:
+    pipe = load_pipeline(pipe_path)
+    refs, bundles = resolve_models(pipe, "cpu")
+    opts = RunOptions(out=out, batch_tiles=1, flush_seconds=0.0, **kw)
+    return Runner(session.client, pipe, refs, bundles, opts, reporter)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """One embedded cluster for the module: its worker loads the models once."""
+    with connect(ClusterOptions(n_workers=1, threads_per_worker=1, device="cpu")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(setup, embedded):
+    """An uninterrupted run."""
+    d, smear, centres, pipe_path = setup
+    out = d / "reference"
+    [res] = _runner(embedded, pipe_path, out).run([str(smear)])
+    assert res.ok and res.n_cells == len(centres)
+    return out, res
+
+
+def _table(out: Path):
+    return CellStore.open(out / "smear" / "cells.zarr", mode="r").read_table().sorted()
+
+
+def _summary(out: Path) -> dict:
+    return orjson.loads((out / "smear" / "summary.json").read_bytes())["summary"]
+
+
+def test_killed_run_resumes_to_the_same_cells(setup, reference, embedded) -> None:
+    d, smear, centres, pipe_path = setup
+    out = d / "killed"
+    zpath = out / "smear" / "cells.zarr"
+    cmd = [sys.executable, "-m", "wsiflow", "run", str(smear), "-o", str(out), "--pipeline", str(pipe_path),
+           "--workers", "1", "--threads-per-worker", "1", "--batch-tiles", "1", "--max-in-flight", "1",
+           "--checkpoint-seconds", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        n_done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(Exception):
+                n_done = int(read_done(zpath).sum())
+            if n_done >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert n_done >= 3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the client and its spawned workers: a power cut
+        proc.wait(timeout=30)
+
+    assert not CellStore.is_complete(zpath)
+    done_before = set(np.flatnonzero(read_done(zpath)).tolist())
+    assert 3 <= len(done_before) < 48
+    assert not (out / "smear" / "summary.json").exists()
+    with pytest.raises(OutputError, match="--resume"):  # refused without --resume/--overwrite
+        check_outputs(RunOptions(out=out), [str(smear)])
+
+    [res] = _runner(embedded, pipe_path, out, resume=True).run([str(smear)])
+    assert res.ok, res.error
+    # no finished tile was recomputed; every other tile was
+    assert not done_before & set(res.tiles_computed)
+    assert done_before | set(res.tiles_computed) == set(range(48))
+    assert res.tiles_skipped == len(done_before)
+    ref_out, _ = reference
+    table = _table(out)
+    assert table.equals(_table(ref_out))
+    assert match_centres(np.column_stack([table.x, table.y]), centres) == [1] * len(centres)
+    assert _summary(out) == _summary(ref_out)
+
+
+class _KillWorkerAfter(NullReporter):
+    def __init__(self, proc: subprocess.Popen[bytes], after: int) -> None:
+        self.proc, self.after, self.seen, self.killed = proc, after, 0, False
+
+    def tiles_done(self, n_tiles: int, n_cells: int) -> None:
+        self.seen += n_tiles
+        if not self.killed and self.seen >= self.after:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.killed = True
+
+    def slide_finished(self, result: SlideResult) -> None:
+        pass
+
+
+def test_losing_a_worker_loses_nothing(setup, reference, tmp_path: Path) -> None:
+    _, smear, _, pipe_path = setup
+    out = tmp_path / "worker-loss"
+    with dask_pair(tmp_path / "logs", n_workers=2, nthreads=1) as pair:
+        victim = pair.workers[0]
+        killer = _KillWorkerAfter(victim, after=4)
+        with connect(ClusterOptions(scheduler=pair.address)) as s:
+            runner = _runner(s, pipe_path, out, reporter=killer)
+            [res] = runner.run([str(smear)])
+            assert victim.poll() is not None and killer.killed
+            assert len(s.client.nthreads()) == 1
+            assert runner.peak_in_flight <= 2 * 2  # the bound: 2 × worker threads
+    assert res.ok and not res.failed_tiles, res.error
+    ref_out, _ = reference
+    assert _table(out).equals(_table(ref_out))
+    assert _summary(out) == _summary(ref_out)
+
+
+def test_unreadable_tile_is_recorded_and_the_slide_completes(setup, embedded, tmp_path: Path) -> None:
+    """One corrupt JPEG tile: the grid tiles reading it fail (isolated one by one), are
+    recorded in the store and the summary, and every other cell is still found once."""
+    from standins import write_smear_with_corrupt_tile
+
+    from wsiflow.tiling import TileGrid
+
+    _, _, _, pipe_path = setup
+    slide, centres, (x0, y0, x1, y1) = write_smear_with_corrupt_tile(tmp_path / "smear.svs")
+    out = tmp_path / "out"
+    pipe = load_pipeline(pipe_path)
+    runner = _runner(embedded, pipe_path, out)
+    runner.batch_tiles = 3  # failing batches must be split to find the bad tiles
+    [res] = runner.run([str(slide)])
+    assert res.ok, res.error
+    grid = TileGrid.from_pipeline(1024, 768, 0.5, pipe)
+    expect = {
+        t.id for t in grid.tiles if t.read.x < x1 and t.read.x1 > x0 and t.read.y < y1 and t.read.y1 > y0
+    }
+    assert 0 < len(expect) < len(grid)
+    assert set(res.failed_tiles) == expect
+    assert all("Not a JPEG file" in why for why in res.failed_tiles.values())
+    store = CellStore.open(out / "smear" / "cells.zarr", mode="r")
+    assert set(np.flatnonzero(store.failed).tolist()) == expect
+    summary = _summary(out)
+    assert summary["failed_tiles"] == len(expect) and 0 < summary["failed_area_fraction"] < 1
+    assert any("failed" in n for n in summary["notes"])
+    table = store.read_table()
+    lost = np.isin(grid.owners(centres[:, 0], centres[:, 1]), list(expect))
+    found = match_centres(np.column_stack([table.x, table.y]), centres)
+    assert [n for n, gone in zip(found, lost, strict=True) if not gone] == [1] * int((~lost).sum())
+    assert all(n == 0 for n, gone in zip(found, lost, strict=True) if gone)

@@ -1,0 +1,236 @@
+"""The Dask cluster a run uses: an embedded LocalCluster, or an existing scheduler.
+
+Embedded (default): a :class:`distributed.LocalCluster` of worker *processes* (spawned,
+so every entry point lives in an importable module), scheduler and dashboard bound to
+127.0.0.1 only. ``--scheduler tcp://HOST:PORT`` (or ``tls://``) connects to an existing
+cluster instead; nothing else about the run changes. TLS: pass ``--tls-ca-file``,
+``--tls-cert`` and ``--tls-key`` (PEM files, as ``dask scheduler`` takes them), or set
+``distributed.comm.tls.*`` in a Dask config file, which :class:`distributed.Client`
+reads by default.
+
+Every worker gets :class:`TorchThreads`, which sets ``torch.set_num_threads`` to the
+worker's thread count (LocalCluster pins OMP/MKL threads to 1 in the workers, and an
+external worker may have any environment).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.security import Security
+
+from wsiflow.errors import ConfigError
+
+__all__ = [
+    "ClusterOptions",
+    "ClusterSession",
+    "TorchThreads",
+    "connect",
+    "default_layout",
+    "make_security",
+]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    scheduler: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    device: str = "auto"
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    quiet: bool = True
+    connect_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ClusterSession:
+    client: Client
+    embedded: bool
+    dashboard_link: str | None
+    description: str
+
+    def total_threads(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _cuda_devices() -> int:
+    """Visible CUDA devices without importing torch on the client unless it is cheap."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover - torch broken
+        return 0
+
+
+def default_layout(device: str = "auto", cpus: int | None = None, gpus: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) for this machine.
+
+    With CUDA: one worker per GPU, the CPUs shared among them. On CPU: workers of up to
+    four threads each (one model copy per process; torch's intra-op threads do the rest).
+    """
+    cpus = _cpu_count() if cpus is None else max(1, cpus)
+    if gpus is None:
+        gpus = 0 if device == "cpu" else _cuda_devices()
+    if gpus > 0 and device != "cpu":
+        n = gpus
+    else:
+        n = max(1, cpus // 4)
+    return n, max(1, cpus // n)
+
+
+def make_security(options: ClusterOptions) -> Security | None:
+    given = {
+        "--tls-ca-file": options.tls_ca_file,
+        "--tls-cert": options.tls_cert,
+        "--tls-key": options.tls_key,
+    }
+    if not any(given.values()):
+        return None
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise ConfigError("", ", ".join(missing), "TLS needs --tls-ca-file, --tls-cert and --tls-key")
+    for key, value in given.items():
+        if not Path(str(value)).is_file():
+            raise ConfigError("", key, f"file not found: {value}")
+    if not options.scheduler:
+        raise ConfigError("", "--tls-ca-file", "TLS is for --scheduler (the embedded cluster is local)")
+    if not options.scheduler.startswith("tls://"):
+        raise ConfigError("", "--scheduler", "with TLS options the address must start with tls://")
+    return Security(
+        tls_ca_file=options.tls_ca_file,
+        tls_client_cert=options.tls_cert,
+        tls_client_key=options.tls_key,
+        require_encryption=True,
+    )
+
+
+class TorchThreads(WorkerPlugin):
+    """Sets torch's intra-op thread count in each worker process (spawned: importable)."""
+
+    name = "wsiflow-torch-threads"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        n = self.threads or int(worker.state.nthreads)
+        torch.set_num_threads(max(1, n))
+
+
+def _dashboard(link: str | None) -> str | None:
+    # Without bokeh the scheduler serves no dashboard, whatever the link says.
+    if not link or find_spec("bokeh") is None:
+        return None
+    return link
+
+
+@contextmanager
+def _dask_log_level(level: int) -> Iterator[None]:
+    """Dask configures ``distributed`` at INFO; keep its chatter off our stderr."""
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextmanager
+def connect(options: ClusterOptions) -> Iterator[ClusterSession]:
+    """A client on an embedded LocalCluster, or on ``options.scheduler``; closed on exit."""
+    silence = logging.ERROR if options.quiet else logging.WARNING
+    with _dask_log_level(silence):
+        yield from _connect(options, silence)
+
+
+def _connect(options: ClusterOptions, silence: int) -> Iterator[ClusterSession]:
+    security = make_security(options)
+    if options.scheduler:
+        if options.n_workers is not None or options.threads_per_worker is not None:
+            raise ConfigError(
+                "", "--scheduler", "--workers/--threads-per-worker apply to the embedded cluster only"
+            )
+        try:
+            client = Client(
+                options.scheduler,
+                security=security,
+                timeout=options.connect_timeout_s,
+                set_as_default=False,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError("", "--scheduler", f"cannot connect to {options.scheduler}: {exc}") from None
+        try:
+            try:
+                client.wait_for_workers(1, timeout=options.connect_timeout_s)
+            except TimeoutError:
+                why = f"{options.scheduler} has no workers (waited {options.connect_timeout_s:g} s)"
+                raise ConfigError("", "--scheduler", why) from None
+            client.register_plugin(TorchThreads())
+            info = client.scheduler_info(n_workers=-1)
+            workers = info.get("workers", {})
+            yield ClusterSession(
+                client=client,
+                embedded=False,
+                dashboard_link=_dashboard(client.dashboard_link),
+                description=f"scheduler {options.scheduler} ({len(workers)} workers)",
+            )
+        finally:
+            client.close()
+        return
+
+    n_default, t_default = default_layout(options.device)
+    n = options.n_workers or n_default
+    t = options.threads_per_worker or t_default
+    if n < 1 or t < 1:
+        raise ConfigError("", "--workers", "workers and threads per worker must be at least 1")
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=t,
+        processes=True,
+        host=LOOPBACK,
+        dashboard_address=f"{LOOPBACK}:0",
+        silence_logs=silence,
+    )
+    try:
+        client = Client(cluster, set_as_default=False)
+        try:
+            client.register_plugin(TorchThreads(t))
+            yield ClusterSession(
+                client=client,
+                embedded=True,
+                dashboard_link=_dashboard(cluster.dashboard_link),
+                description=f"embedded cluster {cluster.scheduler_address} ({n} workers × {t} threads)",
+            )
+        finally:
+            client.close()
+    finally:
+        cluster.close()

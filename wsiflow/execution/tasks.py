@@ -1,0 +1,59 @@
+"""What a Dask task runs on a worker, and the error it sends back.
+
+Kept in its own small module so spawned workers (and external ``dask worker`` processes)
+import only this and :mod:`wsiflow.pipeline`. Errors cross the network as
+:class:`TaskError`, which pickles by value and says how far a failure reaches:
+
+* ``run``: the models cannot be used on this worker (missing bundle, sha256 mismatch,
+  no CUDA); nothing will succeed, the run stops;
+* ``slide``: the worker cannot open the slide; the slide fails;
+* ``tile``: one of the batch's tiles cannot be read or processed; the runner isolates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from wsiflow.cells import CellTable
+from wsiflow.config import Pipeline
+from wsiflow.errors import ConfigError, ModelError, SlideError, WsiflowError
+from wsiflow.pipeline import ModelRefs, SlideRef, get_models, get_slide, process_batch
+from wsiflow.tiling import Tile
+
+__all__ = ["Scope", "TaskError", "run_batch"]
+
+Scope = Literal["run", "slide", "tile"]
+
+
+class TaskError(Exception):
+    """A deliberate failure inside a task, with its scope; pickles by value."""
+
+    def __init__(self, scope: Scope, message: str) -> None:
+        super().__init__(scope, message)
+        self.scope: Scope = scope
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type[TaskError], tuple[Scope, str]]:
+        return (TaskError, (self.scope, self.message))
+
+
+def run_batch(slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs) -> CellTable:
+    """:func:`wsiflow.pipeline.process_batch` with its errors scoped for the runner."""
+    try:
+        get_models(models, pipeline)
+    except (ModelError, ConfigError) as exc:
+        raise TaskError("run", str(exc)) from None
+    try:
+        get_slide(slide_ref)
+    except WsiflowError as exc:
+        raise TaskError("slide", str(exc)) from None
+    try:
+        return process_batch(slide_ref, tiles, pipeline, models)
+    except SlideError as exc:
+        raise TaskError("tile", exc.reason) from None
+    except WsiflowError as exc:
+        raise TaskError("tile", str(exc)) from None

@@ -1,0 +1,287 @@
+"""Per-batch work: tiles of one slide → one small CellTable (DESIGN §1, §3).
+
+:func:`process_batch` is what a Dask task runs. It opens the slide itself (cached per
+process and thread, keyed by path), loads the two models once per process (keyed by
+weight sha256, device and model settings), and for each tile in turn:
+
+1. reads the tile's read box (core + halo) at ``seg_mpp``;
+2. segments it (:class:`~wsiflow.segment.Segmenter`) into cells in level-0 px;
+3. keeps the cells the tile **owns** (centroid in its core) that do not touch the read
+   region's edge, sorted by (y, x) and numbered ``make_ids(tile.id, n)``;
+4. reads the same box at ``cls_mpp``, crops the kept cells and classifies them.
+
+Only one tile's pixels are held at a time; the result carries no pixels. Every step is
+deterministic, so a task that Dask runs twice (worker loss) returns the same table.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsiflow.cells import CellTable, make_ids
+from wsiflow.config import Pipeline
+from wsiflow.errors import ModelError, SlideError
+from wsiflow.tiling import Tile
+
+if TYPE_CHECKING:
+    from wsiflow.classify import Classifier
+    from wsiflow.models.bundle import ModelBundle
+    from wsiflow.segment import Segmenter
+    from wsiflow.slide import Slide
+
+__all__ = [
+    "LoadedModels",
+    "ModelRefs",
+    "SlideRef",
+    "clear_caches",
+    "get_models",
+    "get_slide",
+    "process_batch",
+    "resolve_models",
+]
+
+log = logging.getLogger(__name__)
+
+_SLIDES_PER_THREAD = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SlideRef:
+    """What a worker needs to open a slide: a path (or fsspec URL) and the mpp override."""
+
+    path: str
+    mpp: float | None = None
+    backend: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRefs:
+    """The two bundles a batch uses, pinned by the sha256 the client verified.
+
+    A worker that finds different bytes behind ``segmenter``/``classifier`` (another file
+    on its file system) raises :class:`~wsiflow.errors.BundleIntegrityError` instead of
+    silently computing with other weights. ``device`` is ``auto``, ``cpu`` or ``cuda``;
+    ``auto`` is resolved on the worker (CUDA when the worker has it).
+    """
+
+    segmenter: str
+    segmenter_sha256: str
+    classifier: str
+    classifier_sha256: str
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoadedModels:
+    segmenter: Segmenter
+    classifier: Classifier
+    device: str
+
+
+def _ref_for_workers(ref: str) -> str:
+    """A bundle path becomes absolute (workers may run elsewhere); a bundle name stays."""
+    p = Path(ref)
+    if p.suffix.lower() in (".safetensors", ".json") or p.exists():
+        return str(p.expanduser().resolve())
+    return ref
+
+
+def resolve_models(pipeline: Pipeline, device: str = "auto") -> tuple[ModelRefs, list[ModelBundle]]:
+    """Load both bundles on the client: verify sha256 pins, task and taxonomy.
+
+    Returns the refs to send to workers and the two bundles (for their cards: demo flag,
+    names, sha256 for the Zarr attributes).
+    """
+    from wsiflow.models.bundle import ModelBundle, check_taxonomy
+
+    seg = ModelBundle.load(pipeline.segmenter.bundle, pipeline.segmenter.sha256)
+    cls = ModelBundle.load(pipeline.classifier.bundle, pipeline.classifier.sha256)
+    if seg.task != "segmenter":
+        raise ModelError(f"segmenter.bundle {seg.name!r} is a {seg.task} bundle, not a segmenter")
+    if cls.task != "classifier":
+        raise ModelError(f"classifier.bundle {cls.name!r} is a {cls.task} bundle, not a classifier")
+    check_taxonomy(cls.card, pipeline)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ModelError(f"--device must be auto, cpu or cuda, not {device!r}")
+    refs = ModelRefs(
+        segmenter=_ref_for_workers(pipeline.segmenter.bundle),
+        segmenter_sha256=seg.sha256,
+        classifier=_ref_for_workers(pipeline.classifier.bundle),
+        classifier_sha256=cls.sha256,
+        device=device,
+    )
+    return refs, [seg, cls]
+
+
+# --------------------------------------------------------------------------- caches
+# Per process: models by (weights sha256, device, settings); slides by (path, mpp,
+# backend) per thread, because not every backend's handle is safe to share between the
+# threads of one Dask worker.
+
+_model_lock = threading.Lock()
+_models: dict[tuple[Any, ...], LoadedModels] = {}
+_local = threading.local()
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was requested but this worker has no CUDA device")
+    return device
+
+
+def get_models(refs: ModelRefs, pipeline: Pipeline) -> LoadedModels:
+    """The segmenter and classifier for ``refs``, built once per process."""
+    device = _resolve_device(refs.device)
+    key = (
+        refs.segmenter_sha256,
+        refs.classifier_sha256,
+        device,
+        pipeline.segmenter.model_dump_json(),
+        pipeline.classifier.model_dump_json(),
+    )
+    with _model_lock:
+        hit = _models.get(key)
+        if hit is not None:
+            return hit
+        from wsiflow.classify import Classifier
+        from wsiflow.models.bundle import ModelBundle
+        from wsiflow.segment import Segmenter
+
+        seg_bundle = ModelBundle.load(refs.segmenter, refs.segmenter_sha256)
+        cls_bundle = ModelBundle.load(refs.classifier, refs.classifier_sha256)
+        loaded = LoadedModels(
+            segmenter=Segmenter(seg_bundle, pipeline.segmenter, device=device),
+            classifier=Classifier(cls_bundle, pipeline.classifier, device=device),
+            device=device,
+        )
+        _models[key] = loaded
+        log.debug("loaded models %s / %s on %s", seg_bundle.name, cls_bundle.name, device)
+        return loaded
+
+
+def get_slide(ref: SlideRef) -> Slide:
+    """An open handle for ``ref``, cached per thread (a few slides, least recently used)."""
+    from wsiflow.slide import open_slide
+
+    cache: OrderedDict[SlideRef, Slide] | None = getattr(_local, "slides", None)
+    if cache is None:
+        cache = OrderedDict()
+        _local.slides = cache
+    slide = cache.get(ref)
+    if slide is not None:
+        cache.move_to_end(ref)
+        return slide
+    slide = open_slide(ref.path, backend=ref.backend, mpp=ref.mpp)
+    cache[ref] = slide
+    while len(cache) > _SLIDES_PER_THREAD:
+        _, old = cache.popitem(last=False)
+        old.close()
+    return slide
+
+
+def clear_caches() -> None:
+    """Close this thread's slides and drop loaded models (tests, worker teardown)."""
+    cache: OrderedDict[SlideRef, Slide] | None = getattr(_local, "slides", None)
+    if cache:
+        for slide in cache.values():
+            slide.close()
+        cache.clear()
+    with _model_lock:
+        _models.clear()
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def _read_size(box_w: float, box_h: float, scale: float) -> tuple[int, int]:
+    """Output pixels covering a level-0 box at ``scale`` level-0 px per output px."""
+    return max(1, round(box_w / scale)), max(1, round(box_h / scale))
+
+
+def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels) -> CellTable:
+    """One tile → the classified cells it owns (ids final, level-0 px)."""
+    from wsiflow.classify import crop_cells
+
+    n_classes = len(pipeline.taxonomy)
+    seg_mpp = pipeline.resolution.seg_mpp
+    cls_mpp = pipeline.resolution.cls_mpp
+    box = tile.read
+
+    w, h = tile.read_px
+    rgb = slide.read(box.x, box.y, w, h, seg_mpp)
+    if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (PIL-backed reads)
+        rgb = rgb.copy()
+    # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so)
+    cells, touches_edge = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp)
+    del rgb
+
+    core = tile.core
+    x, y = cells.x, cells.y
+    owned = (x >= core.x) & (x < core.x1) & (y >= core.y) & (y < core.y1) & ~np.asarray(touches_edge, bool)
+    idx = np.flatnonzero(owned)
+    if len(idx) == 0:
+        return CellTable.empty(n_classes)
+    order = np.lexsort((x[idx], y[idx]))  # by y, then x: deterministic numbering
+    kept = cells.take(idx[order])
+    kept = _with_ids(kept, tile.id)
+
+    cls_scale = slide.read_level0_scale(cls_mpp)
+    cw, ch = _read_size(box.w, box.h, cls_scale)
+    image = slide.read(box.x, box.y, cw, ch, cls_mpp)
+    crops = crop_cells(
+        image,
+        (box.x, box.y),
+        box.w / cw,
+        kept.bbox,
+        pipeline.classifier.crop.pad_um / cls_mpp,
+        pipeline.classifier.input_px,
+    )
+    del image
+    probs = models.classifier.predict(crops)
+    del crops
+    if probs.shape != (len(kept), n_classes):
+        raise ModelError(
+            f"classifier returned probabilities of shape {probs.shape}, expected ({len(kept)}, {n_classes})"
+        )
+    return kept.with_classes(probs)
+
+
+def _with_ids(table: CellTable, tile_id: int) -> CellTable:
+    cols = table.columns()
+    cols["id"] = make_ids(tile_id, len(table))
+    cols["tile"] = np.full(len(table), tile_id, np.int64)
+    return CellTable(**cols)
+
+
+def process_batch(
+    slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs
+) -> CellTable:
+    """Segment and classify ``tiles`` of one slide; the cells they own, in tile order.
+
+    Raises :class:`~wsiflow.errors.SlideError` when the slide cannot be opened or a tile
+    cannot be read (the runner then isolates and records the failing tile).
+    """
+    slide = get_slide(slide_ref)
+    loaded = get_models(models, pipeline)
+    tables: list[CellTable] = []
+    for tile in tiles:
+        try:
+            tables.append(process_tile(slide, tile, pipeline, loaded))
+        except SlideError:
+            raise
+        except OSError as exc:
+            # a decoder or backend failure surfacing as a builtin: name the tile
+            raise SlideError(slide_ref.path, f"tile {tile.id}: {type(exc).__name__}: {exc}") from exc
+    return CellTable.concat(tables, n_classes=len(pipeline.taxonomy))
