@@ -103,6 +103,10 @@ def test_embedded_run_writes_everything_and_reports_bad_slides(setup, embedded) 
         assert len(f["properties"]["classification"]["color"]) == 3
         ring = f["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) >= 4
+    # the HTML reports: one per good slide, and the cohort page listing the errors
+    assert (out / "smear" / "report.html").is_file() and (dirs[1] / "report.html").is_file()
+    cohort = (out / "report.html").read_text()
+    assert "text.svs" in cohort and "not a whole-slide image" in cohort
     # no temp files left behind
     assert not [p for p in out.rglob("*.tmp")]
 

@@ -52,7 +52,17 @@ def debug_enabled() -> bool:
 
 def _register() -> None:
     # Importing a command module registers its commands on ``app``.
-    from wsiflow.cli import info  # noqa: F401
+    from wsiflow.cli import (
+        compare,  # noqa: F401
+        demo,  # noqa: F401
+        evaluate,  # noqa: F401
+        explain,  # noqa: F401
+        info,  # noqa: F401
+        report,  # noqa: F401
+        run,  # noqa: F401
+        synth,  # noqa: F401
+        train,  # noqa: F401
+    )
 
 
 def main() -> None:

@@ -151,6 +151,9 @@ def run(
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Client certificate (PEM) for TLS."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="Client private key (PEM) for TLS."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
+    report: bool = typer.Option(
+        True, "--report/--no-report", help="Write OUT/report.html and OUT/<slide>/report.html."
+    ),
 ) -> None:
     """Segment and classify cells on whole slides; write Zarr, QuPath GeoJSON and summaries."""
     try:
@@ -173,6 +176,7 @@ def run(
             tls_cert,
             tls_key,
             progress,
+            report,
         )
     except WsiflowError as exc:
         if debug_enabled():
@@ -211,6 +215,7 @@ def _run(
     tls_cert: Path | None,
     tls_key: Path | None,
     progress: bool,
+    report: bool = True,
 ) -> int:
     from wsiflow.config import load_pipeline
 
@@ -220,8 +225,12 @@ def _run(
         raise ConfigError("", "--device", f"must be auto, cpu or cuda, not {device!r}")
     if mpp is not None and not (0 < mpp <= 10):
         raise ConfigError("", "--mpp", f"must be within (0, 10] µm/px, got {mpp}")
-    for key, value in (("--batch-tiles", batch_tiles), ("--workers", workers),
-                       ("--threads-per-worker", threads_per_worker), ("--max-in-flight", max_in_flight)):
+    for key, value in (
+        ("--batch-tiles", batch_tiles),
+        ("--workers", workers),
+        ("--threads-per-worker", threads_per_worker),
+        ("--max-in-flight", max_in_flight),
+    ):
         if value is not None and value < 1:
             raise ConfigError("", key, "must be at least 1")
     if checkpoint_seconds < 0:
@@ -251,6 +260,7 @@ def _run(
         max_in_flight=max_in_flight,
         geoparquet=geoparquet,
         flush_seconds=checkpoint_seconds,
+        report=report,
     )
     try:
         check_outputs(options, inputs)

@@ -23,6 +23,7 @@ a slide as Python objects. Appends are idempotent per tile, so a task that Dask 
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import math
@@ -30,7 +31,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ from wsiflow.tissue import select_tiles, tissue_mask
 from wsiflow.writers import geojson as geojson_writer
 from wsiflow.writers import summary as summary_writer
 from wsiflow.writers.paths import slide_output_dir
+from wsiflow.writers.report import write_cohort_report, write_slide_report
 from wsiflow.writers.zarr_store import CellStore
 
 __all__ = [
@@ -89,6 +91,7 @@ class RunOptions:
     max_retries: int = 2
     geoparquet: bool = False
     flush_seconds: float = 10.0  # the store makes finished tiles durable at least this often
+    report: bool = True  # OUT/<slide>/report.html and OUT/report.html
 
 
 @dataclass
@@ -302,8 +305,23 @@ class Runner:
             # one row per slide; rows of slides from earlier runs into the same OUT stay
             csv_path = self.options.out / "summary.csv"
             summary_writer.update_summary_csv(csv_path, _csv_row(result), key="output")
+            if self.options.report and result.out_dir is not None and result.status != STATUS_ERROR:
+                self._write_report(
+                    functools.partial(write_slide_report, result.out_dir, slide_path=path), path
+                )
             self.reporter.slide_finished(result)
+        if self.options.report:
+            self._write_report(
+                functools.partial(write_cohort_report, self.options.out), str(self.options.out)
+            )
         return results
+
+    def _write_report(self, write: Callable[[], object], what: str) -> None:
+        # A report that cannot be drawn costs a note, never the slide's results.
+        try:
+            write()
+        except (WsiflowError, OSError, ValueError) as exc:
+            self.reporter.note(f"{what}: HTML report not written ({_reason(exc)})")
 
     # ------------------------------------------------------------------ one slide
 
