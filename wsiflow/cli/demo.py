@@ -119,4 +119,6 @@ def demo(
     )
     typer.echo(f"                the truth is {syn.truth_geojson})")
     typer.echo(f"summary: {res.out_dir / 'summary.json'} ; cells: {res.out_dir / 'cells.zarr'}")
+    if (res.out_dir / "report.html").is_file():
+        typer.echo(f"report (open in a browser): {res.out_dir / 'report.html'}")
     typer.echo(f"total time {time.perf_counter() - t0:.0f} s")
