@@ -138,3 +138,24 @@ def test_shipped_pbc8_verifies() -> None:
     b = ModelBundle.load("pbc8")
     assert b.task == "classifier" and len(b.class_codes) == 8
     assert b.weights_path.stat().st_size < 60e6
+
+
+def test_header_length_starting_with_0x80_is_still_safetensors(tmp_path: Path) -> None:
+    # A safetensors header of e.g. 128 or 9600 bytes starts with byte 0x80, like a pickle.
+    import numpy as np
+    from safetensors.numpy import save
+
+    for pad in range(64):
+        data = save({"w": np.zeros(3, np.float32)}, metadata={"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length with low byte 0x80 found")
+    weights = tmp_path / "b.safetensors"
+    weights.write_bytes(data)
+    (tmp_path / "b.json").write_text("{}")
+    assert resolve_bundle(weights) == (weights, tmp_path / "b.json")
+    # garbage that is neither pickle nor safetensors is refused too
+    weights.write_bytes(b"\x00" * 32)
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        resolve_bundle(weights)

@@ -122,12 +122,26 @@ def resolve_bundle(ref: str | os.PathLike[str]) -> tuple[Path, Path]:
         if not p.is_file():
             raise ModelError(f"{p}: bundle file not found")
     with weights.open("rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise ModelError(
-            f"{weights}: this is a pickle/zip (torch.save) file, not safetensors; {_PICKLE_REASON}"
-        )
+        head = fh.read(9)
+    if not _is_safetensors(head, weights.stat().st_size):
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise ModelError(
+                f"{weights}: this is a pickle/zip (torch.save) file, not safetensors; {_PICKLE_REASON}"
+            )
+        raise ModelError(f"{weights}: not a safetensors file (no valid header)")
     return weights, card
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with a little-endian u64 header length, then a JSON object.
+
+    Checked structurally: a header whose length happens to start with byte 0x80 (e.g. 9600
+    bytes) is still safetensors, not a pickle.
+    """
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n <= size - 8 and head[8:9] == b"{"
 
 
 def _read_card(card_path: Path) -> dict[str, Any]:
