@@ -13,6 +13,48 @@ train_app = typer.Typer(help="Train a classifier or segmenter bundle.", no_args_
 app.add_typer(train_app, name="train")
 
 
+class _EpochBar:
+    """One tqdm bar per epoch of batches, showing the loss and the last validation metric."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.last: str = "-"
+        self.epoch: int | None = None
+        self.bar: Any = None
+
+    def batch(self, info: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or self.epoch != info["epoch"]:
+            self.close()
+            self.bar = tqdm(total=info["batches"], desc=f"epoch {info['epoch']}", unit="batch", leave=False)
+            self.epoch = info["epoch"]
+        self.bar.update(1)
+        self.bar.set_postfix({"loss": f"{info['loss']:.4f}", self.metric: self.last})
+
+    def epoch_done(self, value: float) -> None:
+        self.close()
+        self.last = f"{value:.4f}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _announce(event: str, info: dict[str, Any]) -> bool:
+    """The events both trainers report alike; True when ``event`` was one of them."""
+    if event == "recalibrate":
+        typer.echo(f"recomputing BatchNorm statistics on {info['n']} training images", err=True)
+    elif event == "resume":
+        typer.echo(f"resuming after epoch {info['epoch']}", err=True)
+    elif event == "end":
+        typer.echo(f"wrote {info['bundle']}: {info['metrics']}")
+    else:
+        return False
+    return True
+
+
 def _taxonomy(path: Path | None) -> tuple[dict[str, Any], ...] | None:
     """Class metadata from a pipeline name/YAML (its taxonomy) or a JSON list of classes."""
     if path is None:
@@ -81,38 +123,24 @@ def classifier(
     ),
 ) -> None:
     """Train an InceptionV3 cell classifier from scratch and write a bundle."""
-    from tqdm import tqdm
 
     from wsiflow.train.classifier import TrainClassifierConfig, train_classifier
 
-    bar: dict[str, Any] = {}
+    bar = _EpochBar("val_acc")
 
     def progress(event: str, info: dict[str, Any]) -> None:
+        if _announce(event, info):
+            return
         if event == "start":
             typer.echo(
                 f"{info['n']} images, classes {list(info['classes'])}; device {info['device']}, "
                 f"{info['threads']} threads, bf16 {info['bf16']}; work dir {info['work_dir']}",
                 err=True,
             )
-        elif event == "recalibrate":
-            typer.echo(f"recomputing BatchNorm statistics on {info['n']} training images", err=True)
-        elif event == "resume":
-            typer.echo(f"resuming after epoch {info['epoch']}", err=True)
         elif event == "batch":
-            if "t" not in bar or bar.get("epoch") != info["epoch"]:
-                if "t" in bar:
-                    bar["t"].close()
-                bar["t"] = tqdm(
-                    total=info["batches"], desc=f"epoch {info['epoch']}", unit="batch", leave=False
-                )
-                bar["epoch"] = info["epoch"]
-            bar["t"].update(1)
-            bar["t"].set_postfix(loss=f"{info['loss']:.4f}", val_acc=bar.get("val_acc", "-"))
+            bar.batch(info)
         elif event == "epoch":
-            if "t" in bar:
-                bar["t"].close()
-                del bar["t"]
-            bar["val_acc"] = f"{info['val_acc']:.4f}"
+            bar.epoch_done(info["val_acc"])
             typer.echo(
                 f"epoch {info['epoch']}: loss {info['train_loss']:.4f} val_loss {info['val_loss']:.4f} "
                 f"val_acc {info['val_acc']:.4f} val_f1 {info['val_macro_f1']:.4f} lr {info['lr']:.2e} "
@@ -120,8 +148,6 @@ def classifier(
                 f"(best {info['best_epoch']})",
                 err=True,
             )
-        elif event == "end":
-            typer.echo(f"wrote {info['bundle']}: {info['metrics']}")
 
     cfg = TrainClassifierConfig(
         data=data,
@@ -197,7 +223,6 @@ def segmenter(
     notes: str = typer.Option("", "--notes"),
 ) -> None:
     """Train a U-Net nucleated-cell segmenter (Dice + BCE) and write a bundle."""
-    from tqdm import tqdm
 
     from wsiflow.errors import ConfigError
     from wsiflow.train.segmenter import TrainSegmenterConfig, train_segmenter
@@ -208,9 +233,11 @@ def segmenter(
         if not prefix or not n.isdigit():
             raise ConfigError("train segmenter", "--repeat", f"expected PREFIX=N, got {item!r}")
         reps[prefix] = int(n)
-    bar: dict[str, Any] = {}
+    bar = _EpochBar("val_dice")
 
     def progress(event: str, info: dict[str, Any]) -> None:
+        if _announce(event, info):
+            return
         if event == "start":
             typer.echo(
                 f"{info['n']} images ({info['train']} train / {info['val']} val), {info['channels']} output "
@@ -218,24 +245,10 @@ def segmenter(
                 f"work dir {info['work_dir']}",
                 err=True,
             )
-        elif event == "recalibrate":
-            typer.echo(f"recomputing BatchNorm statistics on {info['n']} training images", err=True)
-        elif event == "resume":
-            typer.echo(f"resuming after epoch {info['epoch']}", err=True)
         elif event == "batch":
-            if "t" not in bar or bar.get("epoch") != info["epoch"]:
-                if "t" in bar:
-                    bar["t"].close()
-                desc = f"epoch {info['epoch']}"
-                bar["t"] = tqdm(total=info["batches"], desc=desc, unit="batch", leave=False)
-                bar["epoch"] = info["epoch"]
-            bar["t"].update(1)
-            bar["t"].set_postfix(loss=f"{info['loss']:.4f}", val_dice=bar.get("val_dice", "-"))
+            bar.batch(info)
         elif event == "epoch":
-            if "t" in bar:
-                bar["t"].close()
-                del bar["t"]
-            bar["val_dice"] = f"{info['val_dice']:.4f}"
+            bar.epoch_done(info["val_dice"])
             typer.echo(
                 f"epoch {info['epoch']}: loss {info['train_loss']:.4f} val_loss {info['val_loss']:.4f} "
                 f"val_dice {info['val_dice']:.4f} val_iou {info['val_iou']:.4f} lr {info['lr']:.2e} "
@@ -244,8 +257,6 @@ def segmenter(
             )
         elif event == "timeout":
             typer.echo(f"--max-minutes reached after epoch {info['epoch']}", err=True)
-        elif event == "end":
-            typer.echo(f"wrote {info['bundle']}: {info['metrics']}")
 
     cfg = TrainSegmenterConfig(
         images=images,
