@@ -98,6 +98,36 @@ def test_training_reduces_loss_resumes_and_evaluates(tmp_path: Path) -> None:
     hist2 = bundle2.card["training"]["history"]
     assert len(hist2) == 5 and hist2[:4] == hist
 
+    # Warm start (--init-from): same classes and split → starts from the bundle's weights,
+    # so its first epoch is already better than a from-scratch first epoch; recorded in the card.
+    warm = train_classifier(
+        TrainClassifierConfig(
+            **{
+                **cfg.__dict__,
+                "epochs": 1,
+                "out": tmp_path / "warm.safetensors",
+                "work_dir": tmp_path / "warm",
+                "init_from": out,
+            }
+        )
+    )
+    init = warm.card["training"]["initialised_from"]
+    assert init["sha256"] == bundle2.sha256 and init["epochs_run"] == 5
+    assert warm.card["training"]["history"][0]["train_loss"] < hist[0]["train_loss"]
+    other = _shapes(tmp_path / "other", per_class=16)  # another split → its test images would leak
+    with pytest.raises(ConfigError, match="different split"):
+        train_classifier(
+            TrainClassifierConfig(
+                **{
+                    **cfg.__dict__,
+                    "data": other,
+                    "out": tmp_path / "w2.safetensors",
+                    "work_dir": tmp_path / "w2",
+                    "init_from": out,
+                }
+            )
+        )
+
     report = evaluate_classifier(out, data, tmp_path / "eval", split="test", device="cpu", threads=2)
     assert report.n == 5 and (tmp_path / "eval" / "report.md").is_file()
     assert ModelBundle.load(out).card["split_seed"] == 3

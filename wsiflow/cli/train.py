@@ -121,8 +121,13 @@ def classifier(
         "--bn-recalibrate/--no-bn-recalibrate",
         help="Recompute BatchNorm stats at the end (kept if val improves).",
     ),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help="Warm start from a classifier bundle trained on the same classes and split.",
+    ),
 ) -> None:
-    """Train an InceptionV3 cell classifier from scratch and write a bundle."""
+    """Train an InceptionV3 cell classifier (from scratch, or --init-from a bundle) and write a bundle."""
 
     from wsiflow.train.classifier import TrainClassifierConfig, train_classifier
 
@@ -137,6 +142,8 @@ def classifier(
                 f"{info['threads']} threads, bf16 {info['bf16']}; work dir {info['work_dir']}",
                 err=True,
             )
+        elif event == "init":
+            typer.echo(f"initialised from {info['bundle']} (sha256 {info['sha256'][:12]}…)", err=True)
         elif event == "batch":
             bar.batch(info)
         elif event == "epoch":
@@ -178,6 +185,7 @@ def classifier(
         },
         notes=notes,
         bn_recalibrate=bn_recalibrate,
+        init_from=init_from,
     )
     train_classifier(cfg, progress)
 

@@ -80,6 +80,9 @@ class TrainClassifierConfig:
     classes_meta: tuple[dict[str, Any], ...] | None = None
     training_data: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    init_from: Path | None = None
+    """Warm start: a classifier bundle with the same classes and the same test split whose weights
+    start training (new optimiser and schedule). Ignored when a checkpoint is resumed."""
     bn_recalibrate: bool = True
     """After training: recompute BatchNorm statistics on the un-augmented training images;
     kept only if the validation loss improves (the test split is never consulted)."""
@@ -173,6 +176,37 @@ def recalibrate_bn(
         model.eval()
 
 
+def _warm_start(
+    model: torch.nn.Module, ref: Path, classes: tuple[str, ...], test_digest: str
+) -> dict[str, Any]:
+    """Load a shipped/saved classifier bundle's weights into ``model``; refuse a bundle whose
+    classes or held-out test split differ (its test images would leak into training)."""
+    src = ModelBundle.load(ref)
+    where = str(src.weights_path)
+    if src.task != "classifier" or src.card.get("architecture") != "inception_v3":
+        raise ConfigError(where, "init_from", "not an inception_v3 classifier bundle")
+    if src.class_codes != tuple(classes):
+        raise ConfigError(
+            where, "init_from", f"classes {list(src.class_codes)} differ from the data's {list(classes)}"
+        )
+    if src.card.get("split", {}).get("test_sha256") != test_digest:
+        raise ConfigError(
+            where, "init_from", "trained on a different split (its test images would be trained on)"
+        )
+    try:
+        model.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(where, "init_from", f"weights do not fit ({str(exc).splitlines()[0]})") from None
+    prev = src.card.get("training", {})
+    return {
+        "bundle": src.name,
+        "sha256": src.sha256,
+        "epochs_run": prev.get("epochs_run"),
+        "best_epoch": prev.get("best_epoch"),
+        "metrics": src.card.get("metrics"),
+    }
+
+
 def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = None) -> ModelBundle:
     """Train, keep the best epoch by validation loss, write the bundle; return it loaded."""
     emit = progress or (lambda _e, _i: None)
@@ -249,6 +283,10 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
                 )
             state.update(loaded)
             emit("resume", {"epoch": state["epoch"]})
+    init_note = None
+    if cfg.init_from is not None and int(state["epoch"]) == 0:
+        init_note = _warm_start(model, cfg.init_from, samples.classes, D.split_digest([rel[i] for i in te]))
+        emit("init", init_note)
     loss_w = class_w.to(device) if class_w is not None else None
     criterion = torch.nn.CrossEntropyLoss(weight=loss_w, label_smoothing=cfg.label_smoothing)
     t_start = time.monotonic()
@@ -389,6 +427,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "train_images_per_s_median": ips,
             "history": hist,
             "bn_recalibration": bn_note,
+            "initialised_from": init_note,
             "notes": cfg.notes,
         },
         "demo": False,
