@@ -108,8 +108,12 @@ def segmenter_dataset(
     seg_mpp: float = 0.5,
     slide_mpp: float = 0.25,
     size: int = 8000,
+    sparse_keep: float = 0.5,
 ) -> int:
-    """Write ``out/images/*.png`` and ``out/masks/*.png`` tiles at ``seg_mpp``; returns the count."""
+    """Write ``out/images/*.png`` and ``out/masks/*.png`` tiles at ``seg_mpp``; returns the count.
+
+    ``sparse_keep``: probability of keeping a tile centred where the smear density is < 0.2.
+    """
     root = Path(out)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
@@ -130,7 +134,9 @@ def segmenter_dataset(
         while made < tiles_per_slide and tries < tiles_per_slide * 50:
             tries += 1
             x0, y0 = int(rng.integers(0, size - side)), int(rng.integers(0, size - side))
-            if slide.density.at1(x0 + side / 2, y0 + side / 2) < 0.2 and rng.random() > 0.1:
+            # sparse smear (isolated red cells, no nucleated cells) kept half the time: a segmenter
+            # that rarely sees it calls isolated red cells nucleated cells there
+            if slide.density.at1(x0 + side / 2, y0 + side / 2) < 0.2 and rng.random() > sparse_keep:
                 continue
             rgb = jpeg_roundtrip(slide.region(x0, y0, side, side))
             mask = instance_mask(slide.labels(x0, y0, side, side))
