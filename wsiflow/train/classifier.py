@@ -176,11 +176,9 @@ def recalibrate_bn(
         model.eval()
 
 
-def _warm_start(
-    model: torch.nn.Module, ref: Path, classes: tuple[str, ...], test_digest: str
-) -> dict[str, Any]:
-    """Load a shipped/saved classifier bundle's weights into ``model``; refuse a bundle whose
-    classes or held-out test split differ (its test images would leak into training)."""
+def _init_source(ref: Path, classes: tuple[str, ...], test_digest: str) -> tuple[ModelBundle, dict[str, Any]]:
+    """The ``--init-from`` bundle, checked, and its description for the card; refuses a bundle
+    whose classes or held-out test split differ (its test images would leak into training)."""
     src = ModelBundle.load(ref)
     where = str(src.weights_path)
     if src.task != "classifier" or src.card.get("architecture") != "inception_v3":
@@ -193,18 +191,23 @@ def _warm_start(
         raise ConfigError(
             where, "init_from", "trained on a different split (its test images would be trained on)"
         )
-    try:
-        model.load_state_dict(src.state_dict(), strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(where, "init_from", f"weights do not fit ({str(exc).splitlines()[0]})") from None
     prev = src.card.get("training", {})
-    return {
+    return src, {
         "bundle": src.name,
         "sha256": src.sha256,
         "epochs_run": prev.get("epochs_run"),
         "best_epoch": prev.get("best_epoch"),
         "metrics": src.card.get("metrics"),
     }
+
+
+def _warm_start(model: torch.nn.Module, src: ModelBundle) -> None:
+    try:
+        model.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            str(src.weights_path), "init_from", f"weights do not fit ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = None) -> ModelBundle:
@@ -284,9 +287,11 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             state.update(loaded)
             emit("resume", {"epoch": state["epoch"]})
     init_note = None
-    if cfg.init_from is not None and int(state["epoch"]) == 0:
-        init_note = _warm_start(model, cfg.init_from, samples.classes, D.split_digest([rel[i] for i in te]))
-        emit("init", init_note)
+    if cfg.init_from is not None:  # checked (and described in the card) on a resume too
+        src, init_note = _init_source(cfg.init_from, samples.classes, D.split_digest([rel[i] for i in te]))
+        if int(state["epoch"]) == 0:
+            _warm_start(model, src)
+            emit("init", init_note)
     loss_w = class_w.to(device) if class_w is not None else None
     criterion = torch.nn.CrossEntropyLoss(weight=loss_w, label_smoothing=cfg.label_smoothing)
     t_start = time.monotonic()
