@@ -217,8 +217,13 @@ def _run(
     progress: bool,
     report: bool = True,
 ) -> int:
+    import logging
+
     from wsiflow.config import load_pipeline
 
+    if not debug_enabled():  # libraries log what the runner reports in one line per slide
+        for name in ("tifffile", "tiffslide", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if resume and overwrite:
         raise _usage("--resume and --overwrite exclude each other")
     if device not in ("auto", "cpu", "cuda"):
@@ -244,7 +249,7 @@ def _run(
             raise ConfigError("", "--geoparquet", f"GeoParquet output {why} (pip install pyarrow)")
 
     from wsiflow.execution.cluster import ClusterOptions, connect
-    from wsiflow.execution.runner import Runner, RunOptions, check_outputs, expand_inputs
+    from wsiflow.execution.runner import Runner, RunOptions, check_outputs, expand_inputs, prepare_output
     from wsiflow.pipeline import resolve_models
 
     inputs, notes = expand_inputs(slides)
@@ -266,6 +271,7 @@ def _run(
         check_outputs(options, inputs)
     except OutputError as exc:
         raise _usage(str(exc)) from None
+    prepare_output(out)  # before starting a cluster: an unwritable OUT fails in a second
     refs, bundles = resolve_models(pipe, device)
     for b in bundles:
         if b.card.get("demo"):

@@ -167,7 +167,9 @@ def _dask_log_level(level: int) -> Iterator[None]:
 @contextmanager
 def connect(options: ClusterOptions) -> Iterator[ClusterSession]:
     """A client on an embedded LocalCluster, or on ``options.scheduler``; closed on exit."""
-    silence = logging.ERROR if options.quiet else logging.WARNING
+    # quiet: workers log a traceback per failed task ("Compute Failed"); the runner already
+    # reports each failed tile in one line, so only --debug shows them
+    silence = logging.CRITICAL if options.quiet else logging.WARNING
     with _dask_log_level(silence):
         yield from _connect(options, silence)
 

@@ -23,12 +23,14 @@ a slide as Python objects. Appends are idempotent per tile, so a task that Dask 
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +67,7 @@ __all__ = [
     "SlideResult",
     "check_outputs",
     "expand_inputs",
+    "prepare_output",
 ]
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,23 @@ def check_outputs(options: RunOptions, inputs: Sequence[str]) -> dict[str, Path]
     return dirs
 
 
+def prepare_output(out: Path) -> None:
+    """Create the output folder and prove it takes files (a real write: root ignores
+    permission bits, so ``os.access`` says yes to read-only mounts and immutable folders)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{out}: cannot create the output folder (a file of that name exists)") from None
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".wsiflow-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -290,13 +310,7 @@ class Runner:
     # ------------------------------------------------------------------ public
 
     def run(self, inputs: Sequence[str]) -> list[SlideResult]:
-        out = self.options.out
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise OutputError(f"{out}: output folder is not writable")
+        prepare_output(self.options.out)
         dirs = check_outputs(self.options, inputs)
         results: list[SlideResult] = []
         for path in inputs:
@@ -333,8 +347,15 @@ class Runner:
         except RunAborted:
             raise
         except WsiflowError as exc:
+            if getattr(exc, "errno", None) == errno.ENOSPC:
+                raise  # a full disk fails every later write too: stop with this one line
             self._slide_failed(result, _one_line(str(exc), path))
         except Exception as exc:  # a bug must cost one slide, not the night's batch
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise OutputError(
+                    f"{exc.filename or out_dir}: cannot write (No space left on device; "
+                    "free some space, then rerun with --resume)"
+                ) from None
             log.debug("slide %s failed", path, exc_info=True)
             why = f"internal error: {_reason(exc)} (--debug shows details)"
             self._slide_failed(result, _one_line(why, path))
@@ -501,7 +522,7 @@ class Runner:
         failed_set = {int(i) for i in failed}
         selected_area = sum(t.core.w * t.core.h for t in plan.tiles) or 1.0
         failed_area = sum(t.core.w * t.core.h for t in plan.tiles if t.id in failed_set)
-        class_ids = store.read_table().class_id
+        class_ids = store.read_column("class_id")  # one small column, not the polygons
         summary = summarize(
             class_ids,
             self.pipeline,
@@ -519,14 +540,17 @@ class Runner:
 
     def _finish(self, plan: SlidePlan, store: CellStore, out_dir: Path, result: SlideResult) -> None:
         failed_set = self._summarize(plan, store, result)
-        if self.pipeline.outputs.geojson or self.options.geoparquet or self.pipeline.outputs.geoparquet:
-            cells = store.read_table().sorted()  # numpy columns, one copy; canonical id order
-            if self.pipeline.outputs.geojson:
-                geojson_writer.write_geojson(
-                    out_dir / "cells.geojson.gz", [cells], self.pipeline.taxonomy, slide_id=out_dir.name
-                )
-            if self.options.geoparquet or self.pipeline.outputs.geoparquet:
-                write_geoparquet(out_dir / "cells.parquet", cells, self.pipeline.taxonomy)
+        if self.pipeline.outputs.geojson:
+            # streamed from the store in canonical id order, a chunk at a time (bounded memory)
+            geojson_writer.write_geojson(
+                out_dir / "cells.geojson.gz",
+                store.iter_sorted(),
+                self.pipeline.taxonomy,
+                slide_id=out_dir.name,
+            )
+        if self.options.geoparquet or self.pipeline.outputs.geoparquet:
+            cells = store.read_table().sorted()  # opt-in output: pyarrow writes one table
+            write_geoparquet(out_dir / "cells.parquet", cells, self.pipeline.taxonomy)
             del cells
         doc = {
             "wsiflow_version": __version__,

@@ -27,6 +27,9 @@ LEVEL_TOLERANCE = 0.01
 """A level up to 1 % coarser than the target still counts as "at the target" (rounding in
 level sizes makes e.g. 4.0004 out of an intended 4)."""
 
+THUMBNAIL_CHUNK_PX = 1024
+"""Side (level pixels) of one backend read while drawing a thumbnail (~3 MB of RGB)."""
+
 _TYPE_IN_REASON = (KeyError, IndexError, ZeroDivisionError, NotImplementedError, AttributeError, TypeError)
 
 
@@ -257,8 +260,10 @@ class Slide:
         tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         sx, sy = w0 / tw, h0 / th
         level = self.best_level(min(sx, sy))
-        # keep each backend read to about 16 M level pixels
-        step = max(64, int(4096 / max(1.0, min(sx, sy) / self.level_downsamples[level])))
+        # keep each backend read to about THUMBNAIL_CHUNK_PX² level pixels: memory stays
+        # bounded by the output, whatever the slide size
+        ratio = max(1.0, min(sx, sy) / self.level_downsamples[level])
+        step = max(64, int(THUMBNAIL_CHUNK_PX / ratio))
         out = np.empty((th, tw, 3), np.uint8)
         for oy in range(0, th, step):
             for ox in range(0, tw, step):
@@ -320,6 +325,8 @@ def _sniff(path: str) -> str | None:
     for magic, what in _MAGIC.items():
         if head.startswith(magic):
             return f"{what}, not a whole-slide image"
+    if head[128:132] == b"DICM":
+        return "a DICOM file, but not a whole-slide image OpenSlide can read"
     if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
         return "a text file, not a whole-slide image"
     return None
@@ -390,6 +397,10 @@ def _open_reason(path: str, failures: list[tuple[str, BaseException]], url: bool
     for _, exc in failures:  # our own checks (e.g. "not a brightfield RGB slide") first
         if isinstance(exc, SlideError):
             return exc.reason
+    if not url:
+        zero = _tiff_zero_size(path)  # the libraries say "Invalid TIFF" or divide by zero
+        if zero:
+            return zero
     specific = [(n, e) for n, e in failures if not _is_generic_refusal(e)]
     if specific:
         name, exc = specific[0]
@@ -398,12 +409,32 @@ def _open_reason(path: str, failures: list[tuple[str, BaseException]], url: bool
     if url and failures:
         return f"cannot open: {short_reason(failures[0][1])}"
     sniffed = _sniff(path)
+    if sniffed and sniffed.startswith("a DICOM file") and all(n != "openslide" for n, _ in failures):
+        return "a DICOM file, which TiffSlide cannot read (OpenSlide reads DICOM whole-slide images)"
     if sniffed:
         return sniffed
     if len(failures) == 1:
         only = "OpenSlide" if failures[0][0] == "openslide" else "TiffSlide"
         return f"not a slide format {only} can read"
     return "not a slide format OpenSlide or TiffSlide can read"
+
+
+def _tiff_zero_size(path: str, max_pages: int = 64) -> str | None:
+    """A reason if a TIFF page declares zero width or height, else None (also for non-TIFFs)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            for i, page in enumerate(tf.pages):
+                if i >= max_pages:
+                    break
+                w, h = getattr(page, "imagewidth", None), getattr(page, "imagelength", None)
+                if w == 0 or h == 0:
+                    where = "" if i == 0 else f" in TIFF page {i}"
+                    return f"image has zero width or height ({w}×{h} px{where})"
+    except Exception:
+        return None
+    return None
 
 
 def _is_generic_refusal(exc: BaseException) -> bool:

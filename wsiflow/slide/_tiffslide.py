@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -78,7 +79,9 @@ class TiffSlideBackend:
             _CLS = _level_coords_class()
         self._ts = _CLS(path)
         try:
-            self._init(path)
+            with warnings.catch_warnings():  # e.g. "hamamatsu-format metadata parsing only
+                warnings.simplefilter("ignore", UserWarning)  # partially implemented": mpp is read
+                self._init(path)
         except BaseException:
             self._ts.close()
             raise

@@ -63,8 +63,8 @@ def write_pyramid_tiff(
 
     ``tiles_or_array``: a uint8 (H, W, 3) array, or a callable returning the level-0 RGB region
     ``(x, y, w, h)`` (``size`` then required). ``downsamples`` (first 1) may be non-integer.
-    ``compression``: "jpeg" (YCbCr 4:2:0, ``quality``), "zlib"/"deflate" (lossless), "lzw",
-    "zstd" or "none".
+    ``compression``: "jpeg" (YCbCr 4:2:0, ``quality``), "jpeg2000" (Aperio 33005, RGB J2K
+    tiles, ``quality`` as the codec level), "zlib"/"deflate" (lossless), "lzw", "zstd" or "none".
     """
     out = Path(path)
     region, (width, height) = _as_region(tiles_or_array, size)
@@ -82,6 +82,8 @@ def write_pyramid_tiff(
     import tifffile
 
     codec = _codec(compression, quality)
+    # Aperio JPEG 2000 slides keep a JPEG strip thumbnail (readers refuse J2K strips there)
+    thumb_codec = _codec("jpeg", quality) if compression.lower() == "jpeg2000" else codec
     tmp_name = str(out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp")  # created with the umask
     mm_path = tmp_name + ".reduced"
     try:
@@ -109,7 +111,7 @@ def write_pyramid_tiff(
                     thumb,
                     description=f"{_APERIO_HEADER} \r\n{width}x{height} -> {tw}x{th} - |",
                     rowsperstrip=16,
-                    **codec,
+                    **thumb_codec,
                 )
             for ds in lower:
                 lw, lh = level_size((width, height), ds)
@@ -172,6 +174,9 @@ def _codec(compression: str, quality: int) -> dict[str, Any]:
         }
     if c in ("zlib", "deflate"):
         return {"compression": "zlib", "photometric": "rgb", "metadata": None}
+    if c == "jpeg2000":  # Aperio 33005: a J2K codestream per tile, RGB
+        return {"compression": 33005, "compressionargs": {"level": quality}, "photometric": "rgb",
+                "metadata": None}
     if c in ("lzw", "zstd"):
         return {"compression": c, "photometric": "rgb", "metadata": None}
     if c == "none":

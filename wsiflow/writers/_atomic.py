@@ -7,6 +7,7 @@ one, never a half-written file, even if the process is killed mid-write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ __all__ = ["atomic_open", "atomic_write_bytes", "fsync_dir", "output_error"]
 def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError:
     """One-line OutputError naming the path; keeps the errno (e.g. ENOSPC)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason += "; free some space, then rerun with --resume"
     err = OutputError(f"{os.fspath(path)}: cannot write ({reason})")
     err.errno = exc.errno
     return err

@@ -322,6 +322,57 @@ class CellStore:
         keep = self._done[table.tile] if n else np.zeros(0, bool)
         return table if keep.all() else table.take(keep)
 
+    def read_column(self, name: str) -> np.ndarray:
+        """One per-cell column (e.g. ``class_id``) of the cells :meth:`read_table` returns,
+        without reading the others (no polygons)."""
+        if name not in ROW_COLUMNS:
+            raise ValueError(f"not a per-cell column: {name!r}")
+        n = self._n_cells
+        values = np.asarray(self._arr(f"cells/{name}")[:n], DTYPES[name])
+        if name == "probs":
+            values = values.reshape(n, self.n_classes)
+        tile = values if name == "tile" else np.asarray(self._arr("cells/tile")[:n], DTYPES["tile"])
+        keep = self._done[tile] if n else np.zeros(0, bool)
+        return values if keep.all() else values[keep]
+
+    def iter_sorted(self, rows: int = CHUNK_ROWS) -> Iterator[CellTable]:
+        """The cells of :meth:`read_table` in id order (``CellTable.sorted``), ``rows`` at a
+        time: memory holds the id column, its sort order and one chunk, never all cells.
+
+        Rows are fetched by orthogonal selection, so a chunk decodes only the Zarr chunks
+        holding its rows, whatever order the tiles were committed in.
+        """
+        n, m = self._n_cells, self._n_vertices
+        ends = np.zeros(n + 1, np.int64)  # vertex range of row i: ends[i]:ends[i + 1]
+        np.cumsum(np.asarray(self._arr("cells/poly_counts")[:n], np.int64), out=ends[1:])
+        if ends[-1] != m:
+            raise OutputError(f"{self.path}: polygon vertex count disagrees with the committed rows")
+        ids = np.asarray(self._arr("cells/id")[:n], np.int64)
+        tile = np.asarray(self._arr("cells/tile")[:n], DTYPES["tile"])
+        keep = np.flatnonzero(self._done[tile]) if n else np.zeros(0, np.int64)
+        del tile
+        order = keep[np.argsort(ids[keep], kind="stable")]
+        del ids, keep
+        for a in range(0, len(order), max(1, rows)):
+            sel = order[a : a + max(1, rows)]
+            cols: dict[str, np.ndarray] = {}
+            for name in ROW_COLUMNS:  # orthogonal reads: only the chunks holding these rows
+                arr = self._arr(f"cells/{name}")
+                picked = arr.oindex[(sel, slice(None)) if arr.ndim == 2 else sel]
+                cols[name] = np.asarray(picked, DTYPES[name])
+            cols["probs"] = cols["probs"].reshape(len(sel), self.n_classes)
+            own = ends[sel + 1] - ends[sel]
+            offsets = np.zeros(len(sel) + 1, np.int64)
+            np.cumsum(own, out=offsets[1:])
+            # each output vertex: its row's first vertex plus its rank within the row
+            vidx = np.repeat(ends[sel], own) + (
+                np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], own)
+            )
+            xy = self._arr("cells/poly_xy").oindex[vidx, slice(None)] if len(vidx) else np.zeros((0, 2))
+            cols["poly_offsets"] = offsets
+            cols["poly_xy"] = np.asarray(xy, np.float32).reshape(-1, 2)
+            yield CellTable(**cols)
+
     def iter_tables(self, rows: int = CHUNK_ROWS) -> Iterator[CellTable]:
         """The same cells as :meth:`read_table`, ``rows`` at a time (bounded memory)."""
         n, m = self._n_cells, self._n_vertices
