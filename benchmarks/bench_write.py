@@ -4,9 +4,10 @@ and the Zarr cell store (append N cells in tile-sized pieces, read them back).
 The cells are generated: star-shaped polygons of 16-32 vertices (what the segmenter
 produces after simplification), 8-class probabilities, the mds taxonomy. Both writers get
 the same polygons and the same properties (class name, 4 measurements, confidence and one
-probability per class). wsiflow writes gzip (level 1) streaming; geopandas writes plain
-GeoJSON through pyogrio/GDAL; only the write call is timed (the GeoDataFrame is built
-before the clock starts). N = 100k (quick) or 1M.
+probability per class). wsiflow is timed writing plain GeoJSON (like geopandas, which writes
+plain GeoJSON through pyogrio/GDAL: the like-with-like ratio, ``speedup``) and gzip (level 1,
+what a run writes: ``speedup_gz``); only the write call is timed (the GeoDataFrame is built
+before the clock starts). Wall and process-CPU ratios are both reported. N = 100k (quick) or 1M.
 """
 
 from __future__ import annotations
@@ -88,32 +89,53 @@ def geodataframe(table: Any, taxonomy: Any) -> Any:
     return gpd.GeoDataFrame(cols, geometry=geoms)
 
 
+def _timed(fn: Any) -> tuple[float, float]:
+    """(wall s, CPU s of this process, all threads) of fn()."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 def bench_geojson(table: Any, taxonomy: Any, tmp: Path, geopandas_n: int) -> dict[str, Any]:
+    """wsiflow plain GeoJSON (like geopandas) and gzip (what a run writes) vs geopandas.
+
+    Ratios are per cell; CPU-time ratios are given too (process CPU time, gzip threads
+    included), which a machine shared with other work distorts much less than wall time.
+    """
     from wsiflow.writers.geojson import write_geojson
 
-    out = tmp / "cells.geojson.gz"
-    t0 = time.perf_counter()
-    write_geojson(out, [table], taxonomy, slide_id="bench")
-    t_ws = time.perf_counter() - t0
-    res: dict[str, Any] = {
-        "cells": len(table),
-        "wsiflow_s": round(t_ws, 2),
-        "wsiflow_cells_per_s": round(len(table) / t_ws),
-        "wsiflow_mb_gz": round(out.stat().st_size / 1e6, 1),
-    }
-    log(f"B6 wsiflow geojson {len(table)} cells: {t_ws:.2f} s")
-    sub = table if geopandas_n >= len(table) else table.take(np.arange(geopandas_n))
+    n = len(table)
+    res: dict[str, Any] = {"cells": n}
+    for kind, name in (("plain", "cells.geojson"), ("gz", "cells.geojson.gz")):
+        out = tmp / name
+        wall, cpu = _timed(lambda out=out: write_geojson(out, [table], taxonomy, slide_id="bench"))
+        res[f"wsiflow_{kind}_s"] = round(wall, 2)
+        res[f"wsiflow_{kind}_cpu_s"] = round(cpu, 2)
+        res[f"wsiflow_{kind}_cells_per_s"] = round(n / wall)
+        res[f"wsiflow_{kind}_mb"] = round(out.stat().st_size / 1e6, 1)
+        log(f"B6 wsiflow geojson ({kind}) {n} cells: {wall:.2f} s wall, {cpu:.2f} s CPU")
+        out.unlink()
+    # the figures the summary table has always shown: the .gz a run writes
+    res["wsiflow_s"] = res["wsiflow_gz_s"]
+    res["wsiflow_cells_per_s"] = res["wsiflow_gz_cells_per_s"]
+    res["wsiflow_mb_gz"] = res["wsiflow_gz_mb"]
+    sub = table if geopandas_n >= n else table.take(np.arange(geopandas_n))
     gdf = geodataframe(sub, taxonomy)
     gout = tmp / "cells_gpd.geojson"
-    t0 = time.perf_counter()
-    gdf.to_file(gout, driver="GeoJSON")
-    t_gp = time.perf_counter() - t0
-    res["geopandas_cells"] = len(sub)
-    res["geopandas_s"] = round(t_gp, 2)
-    res["geopandas_cells_per_s"] = round(len(sub) / t_gp)
+    wall, cpu = _timed(lambda: gdf.to_file(gout, driver="GeoJSON"))
+    m = len(sub)
+    res["geopandas_cells"] = m
+    res["geopandas_s"] = round(wall, 2)
+    res["geopandas_cpu_s"] = round(cpu, 2)
+    res["geopandas_cells_per_s"] = round(m / wall)
     res["geopandas_mb"] = round(gout.stat().st_size / 1e6, 1)
-    res["speedup"] = ratio(res["wsiflow_cells_per_s"], res["geopandas_cells_per_s"], 1)
-    log(f"B6 geopandas {len(sub)} cells: {t_gp:.2f} s")
+    log(f"B6 geopandas {m} cells: {wall:.2f} s wall, {cpu:.2f} s CPU")
+    for kind in ("plain", "gz"):
+        res[f"speedup_{kind}"] = ratio(res[f"wsiflow_{kind}_cells_per_s"], res["geopandas_cells_per_s"], 1)
+        ws_cpu = res[f"wsiflow_{kind}_cpu_s"]
+        res[f"speedup_{kind}_cpu"] = ratio(n / ws_cpu, m / cpu, 1) if cpu and ws_cpu else None
+    # like with like: geopandas writes plain GeoJSON
+    res["speedup"] = res["speedup_plain"]
     return res
 
 
@@ -185,7 +207,7 @@ def main() -> None:
             "machine": machine(),
             "geojson": gj,
             "zarr": zr,
-            "target": "GeoJSON >= 10x geopandas",
+            "target": "GeoJSON >= 10x geopandas (plain vs plain; gzip reported too)",
             "met": gj["speedup"] is not None and gj["speedup"] >= 10,
         }
     )

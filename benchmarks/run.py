@@ -190,10 +190,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         rows.append(
             (
                 f"B6 GeoJSON {g['cells']} cells",
-                f"wsiflow {g['wsiflow_s']} s ({g['wsiflow_cells_per_s']} cells/s); "
-                f"geopandas {g['geopandas_cells']} cells "
+                f"wsiflow plain {g.get('wsiflow_plain_s')} s, .gz {g['wsiflow_s']} s "
+                f"({g['wsiflow_cells_per_s']} cells/s); geopandas (plain) {g['geopandas_cells']} cells "
                 f"{g['geopandas_s']} s ({g['geopandas_cells_per_s']} cells/s)",
-                f"{_f(g['speedup'], 1)}x",
+                f"plain {_f(g['speedup'], 1)}x, .gz {_f(g.get('speedup_gz'), 1)}x "
+                f"(CPU time: {_f(g.get('speedup_plain_cpu'), 1)}x, {_f(g.get('speedup_gz_cpu'), 1)}x)",
                 ">= 10x",
                 _met(r["met"]),
             )

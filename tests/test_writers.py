@@ -9,6 +9,7 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from wsiflow.cells import CellTable, make_ids
 from wsiflow.config import load_pipeline
 from wsiflow.errors import OutputError
 from wsiflow.writers import zarr_store
-from wsiflow.writers.geojson import cell_uuids, measurement_names, write_geojson
+from wsiflow.writers.geojson import COORD_DECIMALS, cell_uuids, measurement_names, write_geojson
 from wsiflow.writers.paths import safe_name, slide_output_dir
 from wsiflow.writers.summary import (
     SUMMARY_BASE_COLUMNS,
@@ -312,7 +313,8 @@ def test_geojson_features_follow_qupath_rules(tmp_path: Path) -> None:
         assert g["type"] == "Polygon" and len(g["coordinates"]) == 1
         ring = np.array(g["coordinates"][0])
         assert len(ring) >= 4 and (ring[0] == ring[-1]).all()
-        assert np.array_equal(ring[:-1].astype(np.float32), both.polygon(i))
+        # fixed precision: COORD_DECIMALS decimals of a level-0 pixel, rounded to nearest
+        assert np.abs(ring[:-1] - both.polygon(i)).max() <= 0.5 * 10.0**-COORD_DECIMALS + 1e-9
         assert shapely.Polygon(ring).is_valid
         p = f["properties"]
         assert p["objectType"] == "detection"
@@ -368,9 +370,65 @@ def test_geojson_odd_cells(tmp_path: Path) -> None:
     assert "Area µm^2" not in f0["properties"]["measurements"]
     assert "classification" not in f1["properties"]
     assert f2["properties"]["classification"]["name"] == TAXONOMY[1].name
-    x0, y0, x1, y1 = odd.bbox[0].astype(np.float32)
-    ring = np.array(f0["geometry"]["coordinates"][0], np.float32)
-    assert ring.tolist() == [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    x0, y0, x1, y1 = np.round(odd.bbox[0].astype(np.float32).astype(np.float64), COORD_DECIMALS)
+    ring = f0["geometry"]["coordinates"][0]
+    assert ring == [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def _ring_table(rings: list[np.ndarray]) -> CellTable:
+    """A table with the given open rings (float32, level-0 px) and otherwise plain columns."""
+    n = len(rings)
+    t = make_table(0, n)
+    cols = t.columns()
+    cols["poly_offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rings])]).astype(np.int64)
+    cols["poly_xy"] = np.concatenate(rings).astype(np.float32)
+    return CellTable(**cols)
+
+
+def test_geojson_coordinates_round_trip_at_fixed_precision(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    rings = []
+    for centre in ([3.0, 2.0], [-40.0, 15.5], [123456.0, 654321.0], [999_950.0, 5.0], [0.004, -0.004]):
+        ang = np.sort(rng.uniform(0, 2 * np.pi, 24))
+        r = rng.uniform(4, 30) * rng.uniform(0.8, 1.0, 24)
+        rings.append(np.stack([centre[0] + r * np.cos(ang), centre[1] + r * np.sin(ang)], 1))
+    rings.append(np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.005], [0.125, 10.0]]))  # ties and integers
+    rings.append(np.array([[-0.001, 0.0], [1.0, -0.0049], [1.0, 1.0]]))  # rounds to 0, never "-0"
+    t = _ring_table(rings)
+    write_geojson(tmp_path / "c.geojson", [t], TAXONOMY, chunk_cells=3)  # plain text, 3 chunks
+    text = (tmp_path / "c.geojson").read_bytes()
+    numbers = re.findall(rb"-?[0-9.]+", b"".join(re.findall(rb'"coordinates":(\[\[.*?\]\]\])', text)))
+    assert len(numbers) == 2 * sum(len(r) + 1 for r in rings)
+    assert not [x for x in numbers if x == b"-0" or (b"." in x and x.endswith(b"0")) or x.endswith(b".")]
+    feats = json.loads(text)["features"]
+    step = 10.0**-COORD_DECIMALS
+    for i, f in enumerate(feats):
+        ring = np.array(f["geometry"]["coordinates"][0])
+        src = t.polygon(i).astype(np.float64)
+        assert (ring[0] == ring[-1]).all() and len(ring) == len(src) + 1
+        assert np.array_equal(ring[:-1], np.round(src, COORD_DECIMALS))  # the nearest multiple of 0.01
+        assert np.abs(ring[:-1] - src).max() <= step / 2 + 1e-9
+        got, want = shapely.Polygon(ring), shapely.Polygon(src)
+        assert got.is_valid == want.is_valid
+        assert shapely.hausdorff_distance(got, want) <= step / 2 * math.sqrt(2) + 1e-9
+        assert got.area == pytest.approx(want.area, rel=1e-3, abs=0.05)
+    # gzip is the same text
+    write_geojson(tmp_path / "c.geojson.gz", [t], TAXONOMY, chunk_cells=3)
+    with gzip.open(tmp_path / "c.geojson.gz", "rb") as fh:
+        assert fh.read() == text
+
+
+def test_geojson_far_or_non_finite_coordinates_keep_their_float_text(tmp_path: Path) -> None:
+    far = np.array([[2.0e6, 1.5], [2.0e6 + 10, 1.5], [2.0e6 + 10, 9.75]])  # beyond fixed precision's range
+    t = _ring_table([np.array([[1.0, 1.0], [2.0, 1.0], [2.0, 2.0]]), far])
+    feats = _load_plain(tmp_path, t)
+    assert feats[1]["geometry"]["coordinates"][0][:-1] == far.astype(np.float32).astype(float).tolist()
+    assert feats[0]["geometry"]["coordinates"][0] == [[1, 1], [2, 1], [2, 2], [1, 1]]
+
+
+def _load_plain(tmp_path: Path, t: CellTable) -> list[dict]:
+    write_geojson(tmp_path / "p.json", [t], TAXONOMY)
+    return list(json.loads((tmp_path / "p.json").read_bytes())["features"])
 
 
 def test_geojson_write_is_atomic(tmp_path: Path) -> None:

@@ -9,10 +9,15 @@ Each cell becomes one Feature, as QuPath's own reader expects (``PathObjectTypeA
                     "measurements": {"Area µm^2": …, "Perimeter µm": …, "Circularity": …,
                                      "Confidence": …, "Seg score": …, "P(<code>)": …}}}
 
-The file is gzip: one member per chunk of cells, compressed with libdeflate in two
-threads. Speed: a million dicts are never built. For a chunk of cells, orjson serialises the whole
-vertex array and the whole measurement matrix once (numpy fast path); the per-cell pieces
-are cut out of those buffers at the ``[`` that opens every row, and glued into a template.
+Speed: a million dicts are never built, and no float is formatted by Python. Vertices are
+written with fixed precision (``COORD_DECIMALS`` = 2 decimals of a level-0 pixel, trailing
+zeros dropped: ``1234.5``, ``-0.07``, ``88``) by integer arithmetic in numpy: each vertex
+becomes three 64-bit words of ASCII (``[``, sign, digits, ``.``, ``,`` …) with the unused
+bytes zero, and one ``bytes.translate`` deletes the zeros. Measurements are float32 and keep
+their shortest round-trip text (orjson's numpy path). The per-cell pieces are glued into a
+template. The output is one text per chunk of cells; with a ``.gz`` path it is gzip, one
+member per chunk, compressed by libdeflate in two threads while the next chunk is
+formatted; any other suffix writes plain GeoJSON.
 UUIDs are deterministic version-8 UUIDs (RFC 9562): 60 bits of a hash of the slide
 identity and the 62-bit cell id, so a cell keeps its id across runs and slides never
 collide in practice; they are built for the whole chunk at once in numpy.
@@ -32,9 +37,10 @@ from typing import cast
 
 import numpy as np
 import orjson
+from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
-from wsiflow.cells import CellTable
+from wsiflow.cells import COLUMNS, CellTable
 from wsiflow.config import ClassDef
 from wsiflow.writers._atomic import atomic_open
 
@@ -43,11 +49,12 @@ __all__ = ["cell_uuids", "measurement_names", "write_geojson"]
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 _DASH_AT = (8, 12, 16, 20)
 _OPEN = ord("[")
-CHUNK_CELLS = 32768
+_SLOT = 16  # bytes per measurement value: float32 shortest text is at most 15
+CHUNK_CELLS = 4096  # cells formatted per numpy pass (their temporaries stay in cache)
 
 
-def cell_uuids(slide_id: str, ids: NDArray[np.int64]) -> list[bytes]:
-    """Deterministic UUID strings (as ASCII bytes) for cell ids of one slide."""
+def _uuid_chars(slide_id: str, ids: NDArray[np.int64]) -> NDArray[np.uint8]:
+    """(n, 36) ASCII of the deterministic UUIDs of cell ids of one slide."""
     ids = np.asarray(ids, np.int64)
     if ids.size and ids.min() < 0:
         raise ValueError("cell ids must be non-negative")
@@ -67,8 +74,13 @@ def cell_uuids(slide_id: str, ids: NDArray[np.int64]) -> list[bytes]:
         out[:, dst : dst + cut - src] = hexed[:, src:cut]
         dst += cut - src + 1
         src = cut
-    buf = out.tobytes()
-    return [buf[i * 36 : i * 36 + 36] for i in range(n)]
+    return out
+
+
+def cell_uuids(slide_id: str, ids: NDArray[np.int64]) -> list[bytes]:
+    """Deterministic UUID strings (as ASCII bytes) for cell ids of one slide."""
+    buf = _uuid_chars(slide_id, ids).tobytes()
+    return [buf[i * 36 : i * 36 + 36] for i in range(len(ids))]
 
 
 def measurement_names(taxonomy: Sequence[ClassDef]) -> list[str]:
@@ -87,34 +99,161 @@ def _row_starts(buf: bytes, n_rows: int) -> NDArray[np.int64]:
     return np.append(opens, len(buf)).astype(np.int64)
 
 
-def _closed_rings(table: CellTable) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    """Vertices with each ring closed (first vertex repeated), and the new offsets.
+def _open_rings(table: CellTable) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Vertices and offsets of the rings to write (open: first vertex not repeated).
 
     A cell with fewer than 3 vertices (never produced by the segmenter) is written as its
     bounding box so QuPath still reads a valid polygon.
     """
     offsets = table.poly_offsets
     counts = np.diff(offsets)
-    xy = table.poly_xy
-    if (counts < 3).any():
-        parts = []
-        for i in range(len(table)):
-            if counts[i] >= 3:
-                parts.append(table.polygon(i))
-            else:
-                x0, y0, x1, y1 = table.bbox[i]
-                parts.append(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32))
-        counts = np.array([len(p) for p in parts], np.int64)
-        offsets = np.zeros(len(parts) + 1, np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        xy = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 2), np.float32)
-    closed = np.insert(xy, offsets[1:], xy[offsets[:-1]], axis=0)
-    new_offsets = offsets + np.arange(len(offsets), dtype=np.int64)
-    return closed, new_offsets
+    if not (counts < 3).any():
+        return table.poly_xy, offsets
+    parts = []
+    for i in range(len(table)):
+        if counts[i] >= 3:
+            parts.append(table.polygon(i))
+        else:
+            x0, y0, x1, y1 = table.bbox[i]
+            parts.append(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32))
+    counts = np.array([len(p) for p in parts], np.int64)
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return np.concatenate(parts).astype(np.float32), offsets
 
 
-def _classification(c: ClassDef) -> bytes:
-    return b'"classification":' + orjson.dumps({"name": c.name, "color": list(c.color)}) + b","
+def _closing_index(offsets: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Index of the closed rings' vertices into the open ones, and where each ring ends in it."""
+    n = len(offsets) - 1
+    counts = np.diff(offsets)
+    last = offsets[1:] + np.arange(n, dtype=np.int64)  # the repeated first vertex of ring i
+    index = np.arange(int(offsets[-1]) + n, dtype=np.int64) - np.repeat(
+        np.arange(n, dtype=np.int64), counts + 1
+    )
+    index[last] = offsets[:-1]
+    return index, last
+
+
+def _closed_rings(table: CellTable) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Vertices with each ring closed (first vertex repeated), and the new offsets."""
+    xy, offsets = _open_rings(table)
+    index, _ = _closing_index(offsets)
+    return xy[index], offsets + np.arange(len(offsets), dtype=np.int64)
+
+
+# ---------------------------------------------------------------- fixed-precision vertices
+# A coordinate v is written as round(|v|·100) = 8 decimal digits d0…d7 (|v| < 10⁶ px):
+# sign, d0…d5 without leading zeros (d5 always), then "." d6 d7 without trailing zeros.
+# Digits are computed 8 at a time in one uint64 ("SWAR": 4+4, then 2+2, then 1+1 digits per
+# lane by multiply-shift division), byte k of the word holding the ASCII of d_k.
+_U = np.uint64
+_BLOCK = 16384  # vertices per numpy pass: the temporaries stay in the CPU cache
+_COORD_LIMIT = 999_999.99
+_ASCII_ZEROS = _U(0x3030303030303030)
+_INT_BYTES = _U(0x0000FFFFFFFFFFFF)  # d0…d5
+_SIX = _U(0xFFFFFF)
+_UNITS_BIT = _U(1 << 40)  # a set bit in d5's byte: the units digit is always written
+
+
+def _fraction_tables() -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+    """By d6 + 256·d7: the mask keeping d6, d7 without trailing zeros, and the "." (or 0)."""
+    keep = np.zeros(256 * 9 + 10, np.uint64)
+    dot = np.zeros_like(keep)
+    for d6 in range(10):
+        for d7 in range(10):
+            i = d6 + 256 * d7
+            keep[i] = (0xFFFF << 48) if d7 else (0xFF << 48) if d6 else 0
+            dot[i] = ord(".") if d6 or d7 else 0
+    return keep, dot
+
+
+_FRAC_KEEP, _FRAC_DOT = _fraction_tables()
+_C_OPEN, _C_COMMA, _C_CLOSE, _C_MINUS = (_U(ord(c)) for c in "[,]-")
+COORD_DECIMALS = 2
+
+
+def _digits8(a: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """The 8 decimal digits (values 0…9) of each a < 10⁸, most significant digit in byte 0."""
+    hi = a // _U(10000)
+    x = hi | ((a - hi * _U(10000)) << _U(32))
+    h = ((x * _U(5243)) >> _U(19)) & _U(0x0000007F0000007F)  # x // 100 in each 32-bit lane
+    x = h | ((x - h * _U(100)) << _U(16))
+    h = ((x * _U(103)) >> _U(10)) & _U(0x000F000F000F000F)  # x // 10 in each 16-bit lane
+    return cast(NDArray[np.uint64], h | ((x - h * _U(10)) << _U(8)))
+
+
+def _fixed(v: NDArray[np.float64]) -> tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64]]:
+    """(ASCII digit word with unused bytes 0, sign byte, dot byte) of each |v| < 10⁶."""
+    q = np.rint(v * 100.0)
+    x = _digits8(np.abs(q).astype(np.uint64))
+    # leading zeros = the bytes below the lowest set bit (d5's byte always has one here)
+    y = x | _UNITS_BIT
+    lead = (y & (~y + _U(1))) - _U(1)
+    frac = x >> _U(48)
+    word = (x + _ASCII_ZEROS) & ~lead & (_INT_BYTES | _FRAC_KEEP[frac])
+    sign = (q < 0).astype(np.uint64) * _C_MINUS
+    return word, sign, _FRAC_DOT[frac]
+
+
+def _vertex_words(xy: NDArray[np.float32]) -> NDArray[np.uint64]:
+    """'[x,y],' of each vertex as 24 ASCII bytes (3 words; unused bytes 0)."""
+    m = len(xy)
+    words = np.empty((m, 3), np.uint64)
+    for s in range(0, m, _BLOCK):
+        e = min(m, s + _BLOCK)
+        dx, sx, px = _fixed(xy[s:e, 0].astype(np.float64))
+        dy, sy, py = _fixed(xy[s:e, 1].astype(np.float64))
+        # "[" sx x0..x5 | "." x6 x7 "," sy y0..y2 | y3..y5 "." y6 y7 "]" ","
+        words[s:e, 0] = _C_OPEN | (sx << _U(8)) | (dx << _U(16))
+        words[s:e, 1] = (
+            px | ((dx >> _U(48)) << _U(8)) | (_C_COMMA << _U(24)) | (sy << _U(32)) | ((dy & _SIX) << _U(40))
+        )
+        words[s:e, 2] = (
+            ((dy >> _U(24)) & _SIX)
+            | (py << _U(24))
+            | ((dy >> _U(48)) << _U(32))
+            | (_C_CLOSE << _U(48))
+            | (_C_COMMA << _U(56))
+        )
+    return words
+
+
+def _ring_words(offsets: NDArray[np.int64], xy: NDArray[np.float32]) -> NDArray[np.uint64] | None:
+    """The closed rings as vertex words ((m + n) × 3), or None when a coordinate is not finite
+    or |v| > 999999.99 (no slide is that large; orjson then writes those chunks)."""
+    if not (len(xy) and np.isfinite(xy).all() and float(np.abs(xy).max()) <= _COORD_LIMIT):
+        return None
+    index, last = _closing_index(offsets)
+    words = _vertex_words(xy)[index]
+    words[last, 2] &= _U(0x00FFFFFFFFFFFFFF)  # no "," after a ring's last vertex
+    return words
+
+
+def _text_rows(n: int, parts: Sequence[bytes | NDArray[np.uint8]]) -> tuple[NDArray[np.uint8], list[int]]:
+    """An (n, 8·w) byte matrix of the parts side by side (constants or (n, k) byte matrices),
+    zero-padded to whole 64-bit words, and the column where each part starts."""
+    widths = [len(q) if isinstance(q, bytes) else q.shape[1] for q in parts]
+    cols = np.concatenate([[0], np.cumsum(widths)]).astype(int).tolist()
+    rows = np.zeros((n, -(-cols[-1] // 8) * 8), np.uint8)
+    for q, c0, c1 in zip(parts, cols[:-1], cols[1:], strict=True):
+        rows[:, c0:c1] = np.frombuffer(q, np.uint8) if isinstance(q, bytes) else q
+    return rows, cols[:-1]
+
+
+def _value_slots(meas: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """(n, m, w ≤ 16) zero-padded shortest texts of float32 values (orjson's numpy path)."""
+    n, m = meas.shape
+    u = np.frombuffer(orjson.dumps(meas, option=orjson.OPT_SERIALIZE_NUMPY), np.uint8)
+    sep = np.flatnonzero((u == ord(",")) | (u == ord("[")) | (u == ord("]")))
+    gap = np.diff(sep) - 1
+    starts = sep[:-1][gap > 0] + 1
+    lengths = gap[gap > 0]
+    if len(starts) != n * m or (lengths > _SLOT).any():
+        raise AssertionError("unexpected text in a numeric dump")
+    width = int(lengths.max())
+    slots = sliding_window_view(np.concatenate([u, np.zeros(width, np.uint8)]), width)[starts]
+    slots *= np.arange(width) < lengths[:, None]
+    return slots.reshape(n, m, width)
 
 
 def _features(table: CellTable, taxonomy: Sequence[ClassDef], slide_id: str) -> bytes:
@@ -125,54 +264,97 @@ def _features(table: CellTable, taxonomy: Sequence[ClassDef], slide_id: str) -> 
     k = len(taxonomy)
     if table.n_classes != k:
         raise ValueError(f"table has {table.n_classes} class probabilities, taxonomy has {k} classes")
-    uuids = cell_uuids(slide_id, table.id)
 
-    closed, offs = _closed_rings(table)
-    cbuf = orjson.dumps(closed, option=orjson.OPT_SERIALIZE_NUMPY)
-    cstart = _row_starts(cbuf, len(closed))
+    # before the ring: ",\n" (not for the first cell), {"type":"Feature","id":"<uuid>",…[[
+    sep = np.zeros((n, 2), np.uint8)
+    sep[1:] = np.frombuffer(b",\n", np.uint8)
+    head, _ = _text_rows(
+        n,
+        [
+            sep,
+            b'{"type":"Feature","id":"',
+            _uuid_chars(slide_id, table.id),
+            b'","geometry":{"type":"Polygon","coordinates":[[',
+        ],
+    )
 
+    # after the ring: ]]},"properties":{…,"classification":…,"measurements":{…}}}
     cols = [table.area_um2, table.perimeter_um, table.circularity, table.seg_score]
     if k:
         cols.append(table.probs.max(axis=1))
         cols.extend(table.probs[:, j] for j in range(k))
     meas = np.stack(cols, axis=1).astype(np.float32)  # float32: the stored values, shortest repr
-    m = meas.shape[1]
-    values = orjson.dumps(meas.ravel(), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
-
-    names = measurement_names(taxonomy)
-    keys = [orjson.dumps(nm).replace(b"%", b"%%") for nm in names]
-    measurements = b'"measurements":{' + b",".join(key + b":%s" for key in keys) + b"}}}"
-    head = b'{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[%s]]},'
-    props = b'"properties":{"objectType":"detection",'
-    templates = [head + props + _classification(c).replace(b"%", b"%%") + measurements for c in taxonomy]
-    unclassified = head + props + measurements
-    class_ids = table.class_id.tolist()
-    ring_a = cstart[offs[:-1]].tolist()
-    ring_b = (cstart[offs[1:]] - 1).tolist()
-    out = [
-        (templates[c] if 0 <= c < k else unclassified) % (u, cbuf[a:b], *values[i * m : i * m + m])
-        for i, (c, u, a, b) in enumerate(zip(class_ids, uuids, ring_a, ring_b, strict=True))
+    present = np.isfinite(meas)  # JSON has no NaN/inf: leave those measurements out
+    complete = bool(present.all())
+    comma = present & (np.cumsum(present, axis=1) > present)  # a measurement written before it
+    slots = _value_slots(meas)
+    if not complete:
+        slots *= present[:, :, None]
+    classes = [
+        b'"classification":' + orjson.dumps({"name": c.name, "color": list(c.color)}) + b"," for c in taxonomy
     ]
-    bad = np.flatnonzero(~np.isfinite(meas).all(axis=1))
-    for i in bad.tolist():  # JSON has no NaN/inf: leave those measurements out
-        pairs = {nm: float(v) for nm, v in zip(names, meas[i], strict=True) if np.isfinite(v)}
-        cid = class_ids[i]
-        cls = (
-            b'"classification":'
-            + orjson.dumps({"name": taxonomy[cid].name, "color": list(taxonomy[cid].color)})
-            + b","
-            if 0 <= cid < k
-            else b""
-        )
-        out[i] = (
-            (head % (uuids[i], cbuf[ring_a[i] : ring_b[i]]))
-            + props
-            + cls
-            + b'"measurements":'
-            + orjson.dumps(pairs)
-            + b"}}"
-        )
-    return b",\n".join(out)
+    lut, _ = _text_rows(k + 1, [np.zeros((k + 1, max(map(len, classes), default=0)), np.uint8)])
+    for j, c in enumerate(classes):
+        lut[j, : len(c)] = np.frombuffer(c, np.uint8)
+    cid = table.class_id.astype(np.int64)
+    parts: list[bytes | NDArray[np.uint8]] = [
+        b']]},"properties":{"objectType":"detection",',
+        lut[np.where((cid >= 0) & (cid < k), cid, k)],
+        b'"measurements":{',
+    ]
+    for j, name in enumerate(measurement_names(taxonomy)):
+        key = orjson.dumps(name) + b":"
+        if complete:
+            parts += [(b"," if j else b"") + key, slots[:, j]]
+        else:
+            parts += [comma[:, j : j + 1] * np.uint8(ord(",")), key, slots[:, j]]
+    parts.append(b"}}}")
+    tail, tail_cols = _text_rows(n, parts)
+    if not complete:
+        for j in range(meas.shape[1]):  # blank the keys of left-out measurements
+            key, c0 = cast(bytes, parts[3 + 3 * j + 1]), tail_cols[3 + 3 * j + 1]
+            tail[:, c0 : c0 + len(key)] *= present[:, j : j + 1]
+
+    xy, offsets = _open_rings(table)
+    words = _ring_words(offsets, xy)
+    if words is None:  # orjson's shortest text of the closed rings, glued per cell
+        index, _ = _closing_index(offsets)
+        closed = xy[index]
+        cbuf = orjson.dumps(closed, option=orjson.OPT_SERIALIZE_NUMPY)
+        cstart = _row_starts(cbuf, len(closed))
+        offs = offsets + np.arange(n + 1, dtype=np.int64)
+        ring_a, ring_b = cstart[offs[:-1]].tolist(), (cstart[offs[1:]] - 1).tolist()
+        h, t = head.tobytes(), tail.tobytes()
+        wh, wt = head.shape[1], tail.shape[1]
+        pieces = [
+            h[i * wh : i * wh + wh] + cbuf[a:b] + t[i * wt : i * wt + wt]
+            for i, (a, b) in enumerate(zip(ring_a, ring_b, strict=True))
+        ]
+        return b"".join(pieces).translate(None, b"\0")
+    # one word stream: head i, ring i's vertex words, tail i, head i + 1, …; zero bytes deleted
+    hw, tw = head.view(np.uint64), tail.view(np.uint64)
+    a1, a2 = hw.shape[1], tw.shape[1]
+    rows = np.diff(offsets) + 1  # closed vertices per cell
+    cell_at = np.arange(n, dtype=np.int64) * (a1 + a2) + 3 * (offsets[:-1] + np.arange(n, dtype=np.int64))
+    stream = np.empty(n * (a1 + a2) + 3 * len(words), np.uint64)
+    stream[cell_at[:, None] + np.arange(a1)] = hw
+    stream[(cell_at + a1 + 3 * rows)[:, None] + np.arange(a2)] = tw
+    row_at = 3 * np.arange(len(words), dtype=np.int64) + np.repeat(
+        np.arange(n, dtype=np.int64) * (a1 + a2) + a1, rows
+    )
+    stream[row_at[:, None] + np.arange(3)] = words
+    return stream.tobytes().translate(None, b"\0")
+
+
+def _rows(table: CellTable, start: int, stop: int) -> CellTable:
+    """Rows start..stop of a table as views (no copies of the columns)."""
+    if start == 0 and stop == len(table):
+        return table
+    offsets = table.poly_offsets[start : stop + 1]
+    cols = {name: getattr(table, name)[start:stop] for name in COLUMNS}
+    cols["poly_offsets"] = offsets - offsets[0]
+    cols["poly_xy"] = table.poly_xy[offsets[0] : offsets[-1]]
+    return CellTable(**cols)
 
 
 def write_geojson(
@@ -184,14 +366,15 @@ def write_geojson(
     compresslevel: int = 1,
     chunk_cells: int = CHUNK_CELLS,
 ) -> int:
-    """Stream cells into a gzipped FeatureCollection (temp file + rename); returns the count.
+    """Stream cells into a FeatureCollection (temp file + rename); returns the count.
 
+    A path ending in ``.gz`` is written gzip (``compresslevel``), any other plain.
     ``tables`` is consumed lazily (e.g. :meth:`CellStore.iter_tables`), so memory stays
     bounded by one chunk. ``slide_id`` seeds the feature UUIDs.
     """
     path = Path(path_gz)
     count = 0
-    compress = _compressor(compresslevel)
+    compress = _compressor(compresslevel) if path.suffix.lower() == ".gz" else _plain
     # Each chunk becomes one gzip member (a .gz file may hold several; every gzip reader
     # concatenates them). Members are compressed in worker threads (the codecs release
     # the GIL) while the next chunk is formatted; at most a few chunks wait.
@@ -211,7 +394,7 @@ def write_geojson(
             for table in tables:
                 for start in range(0, len(table), chunk_cells):
                     stop = min(start + chunk_cells, len(table))
-                    part = table if len(table) <= chunk_cells else table.take(np.arange(start, stop))
+                    part = _rows(table, start, stop)
                     blob = _features(part, taxonomy, slide_id)
                     if not blob:
                         continue
@@ -226,6 +409,10 @@ def write_geojson(
                 fut.cancel()
             raise
     return count
+
+
+def _plain(data: bytes) -> bytes:
+    return data
 
 
 def _compressor(level: int) -> Callable[[bytes], bytes]:

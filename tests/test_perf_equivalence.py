@@ -1,0 +1,112 @@
+"""Speed-ups that must not change results: one read per tile (the seg image reduced in memory
+from the cls read), TiffSlide preferred by workers, per-component post-processing.
+
+Each test compares the fast path with the plain one on the same generated slide and asks
+for identical cells (same polygons, classes and probabilities), not merely similar ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from standins import make_random_inception, standin_pipeline, write_smear
+
+from wsiflow import pipeline as P
+from wsiflow.cells import CellTable
+from wsiflow.config import Pipeline, parse_pipeline
+from wsiflow.pipeline import SlideRef, clear_caches, get_slide, process_batch, resolve_models
+from wsiflow.slide import open_slide
+from wsiflow.tiling import TileGrid
+
+CLS_MPP = 0.25  # the slide is read as 0.25 µm/px (--mpp): cls = level 0, seg = its 2×2 reduction
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    clear_caches()
+
+
+@pytest.fixture(scope="module")
+def jpeg_smear(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path, _ = write_smear(tmp_path_factory.mktemp("smear") / "smear.svs", compression="jpeg")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe_k2(standin_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """seg 0.5 µm/px, cls 0.25 µm/px (a 2× integer factor), its own stand-in classifier."""
+    seg, _ = standin_models
+    data = standin_pipeline(seg, seg)
+    data["resolution"] = {"seg_mpp": 0.5, "cls_mpp": CLS_MPP}
+    data["segmenter"] = {**data["segmenter"], "min_area_um2": 2.0}  # the smear's cells, read as 0.25 µm/px
+    draft = parse_pipeline({**data, "classifier": {**data["classifier"], "bundle": str(seg)}})
+    cls = make_random_inception(tmp_path_factory.mktemp("cls") / "cls.safetensors", draft, input_px=75)
+    data["classifier"] = {**data["classifier"], "bundle": str(cls)}
+    return parse_pipeline(data)
+
+
+def _all_tiles(ref: SlideRef, pipe: Pipeline) -> CellTable:
+    s = get_slide(ref)
+    grid = TileGrid.from_pipeline(*s.dimensions, s.mpp, pipe)
+    refs, _ = resolve_models(pipe, "cpu")
+    return process_batch(ref, grid.tiles, pipe, refs)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_seg_image_from_the_cls_read_is_what_the_slide_gives(
+    jpeg_smear: Path, pipe_k2: Pipeline, backend: str
+) -> None:
+    slide = open_slide(jpeg_smear, backend=backend, mpp=CLS_MPP)
+    grid = TileGrid.from_pipeline(*slide.dimensions, slide.mpp, pipe_k2)
+    used = 0
+    for tile in grid.tiles:
+        box, (w, h) = tile.read, tile.read_px
+        cw, ch = P._read_size(box.w, box.h, slide.read_level0_scale(CLS_MPP))
+        image = P._read_once(slide, box, (w, h), (cw, ch), CLS_MPP)
+        if image is None:
+            continue
+        used += 1
+        assert np.array_equal(image, slide.read(box.x, box.y, cw, ch, CLS_MPP))
+        assert np.array_equal(P._reduce(image, cw // w), slide.read(box.x, box.y, w, h, 0.5))
+    assert used == len(grid.tiles)  # every tile of this grid takes the one-read path
+    slide.close()
+
+
+def test_one_read_per_tile_gives_the_same_cells(
+    jpeg_smear: Path, pipe_k2: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = SlideRef(str(jpeg_smear), mpp=CLS_MPP)
+    fast = _all_tiles(ref, pipe_k2)
+    monkeypatch.setattr(P, "_read_once", lambda *a, **k: None)  # the two-read path
+    plain = _all_tiles(ref, pipe_k2)
+    assert len(fast) > 10
+    assert fast.equals(plain)
+
+
+def test_one_read_is_skipped_when_cls_needs_resampling(jpeg_smear: Path, pipe_k2: Pipeline) -> None:
+    slide = open_slide(jpeg_smear, mpp=CLS_MPP * 2)  # cls 0.25 µm/px is now a 2× upsample
+    tile = TileGrid.from_pipeline(*slide.dimensions, slide.mpp, pipe_k2).tiles[0]
+    cw, ch = P._read_size(tile.read.w, tile.read.h, slide.read_level0_scale(CLS_MPP))
+    assert P._read_once(slide, tile.read, tile.read_px, (cw, ch), CLS_MPP) is None
+    slide.close()
+
+
+def test_tiffslide_and_openslide_give_the_same_cells(jpeg_smear: Path, pipe_k2: Pipeline) -> None:
+    a = _all_tiles(SlideRef(str(jpeg_smear), mpp=CLS_MPP, backend="openslide"), pipe_k2)
+    b = _all_tiles(SlideRef(str(jpeg_smear), mpp=CLS_MPP, backend="tiffslide"), pipe_k2)
+    assert len(a) > 10
+    assert a.equals(b)
+
+
+def test_workers_open_slides_with_tiffslide_first(jpeg_smear: Path) -> None:
+    clear_caches()
+    assert get_slide(SlideRef(str(jpeg_smear))).backend == "tiffslide"
+    clear_caches()
