@@ -28,8 +28,9 @@ from common import (
     machine,
     ratio,
     synth_slide,
-    worker_env,
 )
+
+from wsiflow.execution.loopback import process_env
 
 
 def measure(slide: Path, pipeline_path: Path, out: Path, logdir: Path) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def measure(slide: Path, pipeline_path: Path, out: Path, logdir: Path) -> dict[s
     ]
     t0 = time.perf_counter()
     with (logdir / f"{slide.stem}.log").open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(1))
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=process_env(1))
         with RssSampler({"cli": proc.pid}) as sampler:
             rc = proc.wait()
     dt = time.perf_counter() - t0

@@ -36,8 +36,9 @@ from common import (
     ratio,
     run_cmd,
     synth_slide,
-    worker_env,
 )
+
+from wsiflow.execution.loopback import process_env
 
 QUICK = SlideSpec(4000, 4000, seed=1, density=400)
 FULL = SlideSpec(8000, 8000, seed=3)
@@ -135,7 +136,7 @@ def main() -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    env = worker_env(1)
+    env = process_env(1)
     t_ws, _, _ = run_cmd(
         [
             WSIFLOW,

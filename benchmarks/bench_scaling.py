@@ -18,7 +18,6 @@ from common import (
     SlideSpec,
     add_common_args,
     bench_pipeline,
-    dask_processes,
     emit,
     machine,
     pick_spec,
@@ -26,6 +25,8 @@ from common import (
     synth_slide,
 )
 from e2e import run_on_cluster, warm_slide
+
+from wsiflow.execution.loopback import loopback_cluster
 
 QUICK = SlideSpec(4000, 4000, seed=1, density=400)
 FULL = SlideSpec(8000, 8000, seed=3)
@@ -47,7 +48,7 @@ def main() -> None:
     runs["embedded_1x1"] = run_on_cluster([slide], pipeline_path, out, 1, 1, **kw)
     if not a.quick:
         runs["embedded_1x2"] = run_on_cluster([slide], pipeline_path, out, 1, 2, **kw)
-    with dask_processes(a.work / "logs" / "dask", n_workers=2, nthreads=1) as dp:
+    with loopback_cluster(a.work / "logs" / "dask", n_workers=2, nthreads=1, timeout=90.0) as dp:
         runs["external_2x1"] = run_on_cluster([slide], pipeline_path, out, scheduler=dp.address, **kw)
         runs["external_2x1"]["address"] = dp.address
 

@@ -21,15 +21,13 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
 WSIFLOW = str(BIN / "wsiflow")
-DASK = str(BIN / "dask")
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "wsiflow-bench"
 SHARED = ROOT.parent / "shared" / "data"
 CMU1 = SHARED / "slides" / "CMU-1-Small-Region.svs"
@@ -320,118 +317,7 @@ def bench_pipeline(work: Path, models: str = "auto", base: str = "mds") -> tuple
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """TERM the process group we started (start_new_session), then KILL if it lingers."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-    else:  # the leader exited; its group may still hold children
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def worker_env(threads: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-@dataclass
-class DaskProcs:
-    address: str
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-
-@contextlib.contextmanager
-def dask_processes(
-    logdir: Path, n_workers: int = 2, nthreads: int = 1, timeout: float = 90.0
-) -> Iterator[DaskProcs]:
-    """A real ``dask scheduler`` + ``n_workers`` ``dask worker`` processes on 127.0.0.1.
-
-    Free ports, own process groups, always stopped on exit (TERM, then KILL).
-    """
-    from distributed import Client
-
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    logdir.mkdir(parents=True, exist_ok=True)
-    dp = DaskProcs(address)
-    try:
-        with (logdir / "scheduler.log").open("ab") as fh:
-            dp.procs.append(
-                subprocess.Popen(
-                    [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=worker_env(1),
-                )
-            )
-        deadline = time.monotonic() + timeout
-        while not _port_open(port):
-            if dp.procs[0].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "dask scheduler did not start: " + (logdir / "scheduler.log").read_text()[-1500:]
-                )
-            time.sleep(0.2)
-        for i in range(n_workers):
-            with (logdir / f"worker{i}.log").open("ab") as fh:
-                dp.procs.append(
-                    subprocess.Popen(
-                        [
-                            DASK,
-                            "worker",
-                            address,
-                            "--host",
-                            "127.0.0.1",
-                            "--nthreads",
-                            str(nthreads),
-                            "--nworkers",
-                            "1",
-                            "--no-dashboard",
-                            "--name",
-                            f"w{i}",
-                            "--death-timeout",
-                            "60",
-                        ],
-                        stdout=fh,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        env=worker_env(nthreads),
-                    )
-                )
-        with Client(address, timeout=timeout, set_as_default=False) as c:
-            c.wait_for_workers(n_workers, timeout=timeout)
-        yield dp
-    finally:
-        for p in reversed(dp.procs):
-            stop_group(p)
+# (real dask scheduler/worker processes: wsiflow.execution.loopback)
 
 
 class RssSampler:

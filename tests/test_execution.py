@@ -7,10 +7,10 @@ import pickle
 from pathlib import Path
 
 import pytest
-from daskprocs import dask_pair, free_port
 
 from wsiflow.errors import ConfigError
 from wsiflow.execution.cluster import ClusterOptions, connect, default_layout, make_security
+from wsiflow.execution.loopback import free_port, loopback_cluster
 from wsiflow.execution.tasks import TaskError
 
 
@@ -89,7 +89,7 @@ def test_embedded_cluster_is_loopback_processes_with_torch_threads() -> None:
 
 @pytest.mark.slow
 def test_external_scheduler_gets_the_worker_setup(tmp_path: Path) -> None:
-    with dask_pair(tmp_path / "logs", n_workers=1, nthreads=2) as pair, connect(
+    with loopback_cluster(tmp_path / "logs", n_workers=1, nthreads=2) as pair, connect(
         ClusterOptions(scheduler=pair.address)
     ) as session:
         assert not session.embedded

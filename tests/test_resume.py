@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from daskprocs import dask_pair
 from standins import match_centres, standin_pipeline, write_pipeline_yaml, write_smear
 
 from wsiflow.config import load_pipeline
 from wsiflow.errors import OutputError
 from wsiflow.execution.cluster import ClusterOptions, connect
+from wsiflow.execution.loopback import loopback_cluster
 from wsiflow.execution.runner import NullReporter, Runner, RunOptions, SlideResult, check_outputs
 from wsiflow.pipeline import resolve_models
 from wsiflow.writers.zarr_store import CellStore, read_done
@@ -135,7 +135,7 @@ class _KillWorkerAfter(NullReporter):
 def test_losing_a_worker_loses_nothing(setup, reference, tmp_path: Path) -> None:
     _, smear, _, pipe_path = setup
     out = tmp_path / "worker-loss"
-    with dask_pair(tmp_path / "logs", n_workers=2, nthreads=1) as pair:
+    with loopback_cluster(tmp_path / "logs", n_workers=2, nthreads=1) as pair:
         victim = pair.workers[0]
         killer = _KillWorkerAfter(victim, after=4)
         with connect(ClusterOptions(scheduler=pair.address)) as s:

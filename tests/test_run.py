@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from daskprocs import dask_pair
 from standins import match_centres, standin_pipeline, write_pipeline_yaml, write_smear
 
 from wsiflow.cells import CellTable
+from wsiflow.execution.loopback import loopback_cluster
 from wsiflow.writers.summary import read_summary_csv
 from wsiflow.writers.zarr_store import CellStore
 
@@ -138,7 +138,7 @@ def test_external_scheduler_gives_identical_cells(setup, embedded, tmp_path: Pat
     _, smear, _, pipe = setup
     out_e, _ = embedded
     out = tmp_path / "out-scheduler"
-    with dask_pair(tmp_path / "dask-logs", n_workers=1, nthreads=1) as pair:
+    with loopback_cluster(tmp_path / "dask-logs", n_workers=1, nthreads=1) as pair:
         proc = wsiflow("run", smear, "-o", out, "--pipeline", pipe, "--scheduler", pair.address,
                        "--no-progress")
     assert proc.returncode == 0, proc.stderr
