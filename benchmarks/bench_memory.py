@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    WSIFLOW,
     RssSampler,
     SlideSpec,
     add_common_args,
@@ -28,6 +27,7 @@ from common import (
     machine,
     ratio,
     synth_slide,
+    wsiflow_run_cmd,
 )
 
 from wsiflow.execution.loopback import process_env
@@ -37,22 +37,7 @@ def measure(slide: Path, pipeline_path: Path, out: Path, logdir: Path) -> dict[s
     if out.exists():
         shutil.rmtree(out)
     logdir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        WSIFLOW,
-        "run",
-        str(slide),
-        "-o",
-        str(out),
-        "--pipeline",
-        str(pipeline_path),
-        "--workers",
-        "2",
-        "--threads-per-worker",
-        "1",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    cmd = wsiflow_run_cmd(slide, out, pipeline_path)
     t0 = time.perf_counter()
     with (logdir / f"{slide.stem}.log").open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=process_env(1))

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from common import (
     PY,
-    WSIFLOW,
     SlideSpec,
     add_common_args,
     bench_pipeline,
@@ -36,6 +35,7 @@ from common import (
     ratio,
     run_cmd,
     synth_slide,
+    wsiflow_run_cmd,
 )
 
 from wsiflow.execution.loopback import process_env
@@ -137,25 +137,7 @@ def main() -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     env = process_env(1)
-    t_ws, _, _ = run_cmd(
-        [
-            WSIFLOW,
-            "run",
-            str(slide),
-            "-o",
-            str(out / "wsiflow"),
-            "--pipeline",
-            str(pipeline_path),
-            "--workers",
-            "2",
-            "--threads-per-worker",
-            "1",
-            "--device",
-            "cpu",
-            "--no-progress",
-        ],
-        env=env,
-    )
+    t_ws, _, _ = run_cmd(wsiflow_run_cmd(slide, out / "wsiflow", pipeline_path), env=env)
     summ = json.loads((out / "wsiflow" / slide.stem / "summary.json").read_text())
     ws_cells = summ["summary"]["n_cells"]
     log(f"B7 wsiflow run: {t_ws:.1f} s, {ws_cells} cells")

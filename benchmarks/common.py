@@ -380,6 +380,12 @@ class RssSampler:
             self._stop.wait(self.interval)
 
 
+def wsiflow_run_cmd(slide: Path, out: Path, pipeline_path: Path) -> list[str]:
+    """``wsiflow run`` as the benchmarks time it: 2 workers × 1 thread, CPU, no progress bars."""
+    return [WSIFLOW, "run", str(slide), "-o", str(out), "--pipeline", str(pipeline_path), "--workers", "2",
+            "--threads-per-worker", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
 def run_cmd(
     cmd: list[str], env: dict[str, str] | None = None, timeout: float = 3600
 ) -> tuple[float, str, str]:
