@@ -315,8 +315,9 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _sniff(path: str) -> str | None:
-    """What a file that no backend opens looks like, for the message."""
+def _sniff(path: str, openslide_tried: bool = True) -> str | None:
+    """What a file that no backend opens looks like, for the message (a DICOM file's message
+    depends on whether OpenSlide, the backend that reads DICOM, was asked)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
@@ -326,6 +327,8 @@ def _sniff(path: str) -> str | None:
         if head.startswith(magic):
             return f"{what}, not a whole-slide image"
     if head[128:132] == b"DICM":
+        if not openslide_tried:
+            return "a DICOM file, which TiffSlide cannot read (OpenSlide reads DICOM whole-slide images)"
         return "a DICOM file, but not a whole-slide image OpenSlide can read"
     if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
         return "a text file, not a whole-slide image"
@@ -408,9 +411,7 @@ def _open_reason(path: str, failures: list[tuple[str, BaseException]], url: bool
         return f"cannot open ({label}): {short_reason(exc)}"
     if url and failures:
         return f"cannot open: {short_reason(failures[0][1])}"
-    sniffed = _sniff(path)
-    if sniffed and sniffed.startswith("a DICOM file") and all(n != "openslide" for n, _ in failures):
-        return "a DICOM file, which TiffSlide cannot read (OpenSlide reads DICOM whole-slide images)"
+    sniffed = _sniff(path, openslide_tried=any(n == "openslide" for n, _ in failures))
     if sniffed:
         return sniffed
     if len(failures) == 1:
