@@ -80,6 +80,25 @@ def test_level0_mapping_and_touches_edge() -> None:
     assert edge[1 - i] and not edge[i]
 
 
+def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
+    origin, scale = (1000.0, 2000.0), 4.0
+    # centroids (px): inside the core; right of it; cut by the left edge; inside, near the core's end
+    prob = discs((100, 160), [(50, 50, 10), (130, 50, 10), (3, 70, 10), (95, 30, 8)])
+    full, edge = instances_from_probs(prob, None, CFG, origin, scale, MPP)
+    core = (origin[0] + 20 * scale, origin[1], origin[0] + 100 * scale, origin[1] + 100 * scale)
+    owned = (full.x >= core[0]) & (full.x < core[2]) & (full.y >= core[1]) & (full.y < core[3]) & ~edge
+    part, part_edge = instances_from_probs(prob, None, CFG, origin, scale, MPP, core)
+    assert len(full) == 4 and owned.sum() == 2 and len(part) == 2 and not part_edge.any()
+    want = full.take(np.flatnonzero(owned))
+    assert np.array_equal(np.sort(part.x), np.sort(want.x))
+    i, j = np.argsort(part.x), np.argsort(want.x)
+    for a, b in zip(i, j, strict=True):
+        assert np.array_equal(part.polygon(int(a)), want.polygon(int(b)))
+        assert part.area_um2[a] == want.area_um2[b] and part.perimeter_um[a] == want.perimeter_um[b]
+    nothing = (origin[0] + 150 * scale, origin[1], origin[0] + 160 * scale, origin[1] + 100 * scale)
+    assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, nothing)[0]) == 0
+
+
 def test_empty_and_ids() -> None:
     table, edge = instances_from_probs(np.zeros((50, 50), np.float32), None, CFG, (0.0, 0.0), 1.0, MPP)
     assert len(table) == 0 and edge.shape == (0,)

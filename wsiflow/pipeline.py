@@ -238,18 +238,16 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
     rgb = slide.read(box.x, box.y, w, h, seg_mpp) if image is None else _reduce(image, cw // w)
     if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (PIL-backed reads)
         rgb = rgb.copy()
-    # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so)
-    cells, touches_edge = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp)
-    del rgb
-
+    # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
+    # builds only the cells this tile owns: centroid in the core, not cut by the read box's edge
     core = tile.core
-    x, y = cells.x, cells.y
-    owned = (x >= core.x) & (x < core.x1) & (y >= core.y) & (y < core.y1) & ~np.asarray(touches_edge, bool)
-    idx = np.flatnonzero(owned)
-    if len(idx) == 0:
+    owned_box = (core.x, core.y, core.x1, core.y1)
+    cells, _ = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, owned_box)
+    del rgb
+    if len(cells) == 0:
         return CellTable.empty(n_classes)
-    order = np.lexsort((x[idx], y[idx]))  # by y, then x: deterministic numbering
-    kept = cells.take(idx[order])
+    order = np.lexsort((cells.x, cells.y))  # by y, then x: deterministic numbering
+    kept = cells.take(order)
     kept = _with_ids(kept, tile.id)
 
     if image is None:

@@ -198,6 +198,8 @@ def _init_source(ref: Path, classes: tuple[str, ...], test_digest: str) -> tuple
         "epochs_run": prev.get("epochs_run"),
         "best_epoch": prev.get("best_epoch"),
         "metrics": src.card.get("metrics"),
+        # the source's own warm start, so a multi-stage bundle keeps its whole lineage
+        "initialised_from": prev.get("initialised_from"),
     }
 
 
