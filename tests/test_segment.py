@@ -99,6 +99,28 @@ def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
     assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, nothing)[0]) == 0
 
 
+def test_flood_per_component_matches_global_watershed() -> None:
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    from wsiflow.segment import _flood
+
+    rng = np.random.default_rng(5)
+    specs = [(float(x), float(y), float(r)) for x, y, r in rng.uniform((0, 0, 6), (300, 200, 14), (60, 3))]
+    fg = discs((200, 300), specs) > 0.5
+    comp, n = ndi.label(fg)
+    dist = ndi.distance_transform_edt(fg)
+    markers = np.zeros(fg.shape, np.int32)
+    peaks = peak_local_max(dist, min_distance=4, labels=comp, exclude_border=False)  # as _labels does
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+    markers[comp == comp.max()] = 0  # one component without a marker stays 0
+    want = watershed(-dist, markers, mask=fg)
+    got = _flood(comp, n, markers, dist)
+    assert (np.bincount(comp[markers > 0]) > 1).any()  # some components hold several markers
+    assert np.array_equal(got, want)
+
+
 def test_empty_and_ids() -> None:
     table, edge = instances_from_probs(np.zeros((50, 50), np.float32), None, CFG, (0.0, 0.0), 1.0, MPP)
     assert len(table) == 0 and edge.shape == (0,)

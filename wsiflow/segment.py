@@ -145,15 +145,42 @@ def _labels(
         joined = ndi.binary_closing(nuc, disk(max(1, min_px // 2))) & fg | nuc
         lab, _ = ndi.label(joined)
         markers = np.where(nuc, lab, 0).astype(np.int32)
-    else:
-        comp, _ = ndi.label(fg)
+    comp, n_comp = ndi.label(fg)
+    if nucleus is None:
         peaks = peak_local_max(dist, min_distance=min_px, labels=comp, exclude_border=False)
         markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    labels = watershed(-dist, markers, mask=fg).astype(np.int32)
+    labels = _flood(comp, n_comp, markers, dist)
     orphan = fg & (labels == 0)  # regions of the foreground that no marker reached
     if orphan.any():
         extra, _ = ndi.label(orphan)
         labels = np.where(orphan, extra + labels.max(), labels).astype(np.int32)
+    return labels
+
+
+def _flood(
+    comp: NDArray[np.int32], n_comp: int, markers: NDArray[np.int32], dist: NDArray[np.float64]
+) -> NDArray[np.int32]:
+    """``watershed(-dist, markers, mask=comp > 0)``, computed per connected component: a component
+    holding one marker label is that label entirely (what the flood gives it), one with none stays 0,
+    and only components with several markers (touching cells) are flooded, each in its own box.
+    Most cells stand alone, so this skips most of the tile's watershed work. Each component floods
+    independently, so the labels are the global flood's except where two markers tie on a plateau
+    of the distance map: such boundary pixels may go to the other neighbour (seen only with
+    nucleus markers: ~60 of 1.6 M px on a demo tile; identical with distance-peak markers)."""
+    hit = markers > 0
+    pairs = np.unique(np.stack([comp[hit], markers[hit]]), axis=1)  # distinct (component, marker label)
+    n_markers = np.bincount(pairs[0], minlength=n_comp + 1)
+    lut = np.zeros(n_comp + 1, np.int32)
+    lut[pairs[0]] = pairs[1]
+    lut[n_markers != 1] = 0
+    labels = lut[comp]
+    slices = ndi.find_objects(comp)
+    for c in np.flatnonzero(n_markers >= 2):
+        sl = slices[c - 1]
+        assert sl is not None
+        inside = comp[sl] == c
+        flooded = watershed(-dist[sl], np.where(inside, markers[sl], 0), mask=inside)
+        labels[sl][inside] = flooded[inside]
     return labels
 
 
