@@ -132,6 +132,33 @@ def bench_slide(path: Path, pipeline_path: Path, label: str) -> dict[str, Any]:
         "seconds": round(once_t, 3),
         "saving_vs_twice": ratio(raw_t, once_t),
     }
+    # what process_tile does: the cls image read once and the seg image its k×k reduction when
+    # the grids align (else both reads), with the TiffSlide backend the workers use
+    from wsiflow.pipeline import _read_once, _read_size, _reduce
+
+    with open_slide(str(path), backend="tiffslide") as s:
+        cls_scale = s.read_level0_scale(cls_mpp)
+        once = 0
+        t0 = time.perf_counter()
+        for t in plan.tiles:
+            b, (w, h) = t.read, t.read_px
+            cw, ch = _read_size(b.w, b.h, cls_scale)
+            image = _read_once(s, b, (w, h), (cw, ch), cls_mpp)
+            if image is None:
+                s.read(b.x, b.y, w, h, seg_mpp)
+                s.read(b.x, b.y, cw, ch, cls_mpp)
+            else:
+                _reduce(image, cw // w)
+                once += 1
+        dt = time.perf_counter() - t0
+    res["pipeline_read"] = {
+        "what": "process_tile's reads: _read_once + _reduce (tiffslide), vs raw_decode_once",
+        "tiles_read_once": once,
+        "seconds": round(dt, 3),
+        "out_MPps": round(out_px / 1e6 / dt, 1),
+        "ratio_to_raw_decode_once": ratio(once_t, dt),
+    }
+    log(f"B1 {label} pipeline read: {dt:.2f} s vs raw decode once {once_t:.2f} s")
     for backend in ("tiffslide", "openslide"):
         with open_slide(str(path), backend=backend) as s:
             s.read(*reads[0][:4], reads[0][4])  # warm
@@ -162,6 +189,7 @@ def main() -> None:
     if CMU1.is_file():
         slides.append(bench_slide(CMU1, pipeline_path, CMU1.name))
     best = min(s["slide_tiffslide"]["ratio_to_raw"] or 0 for s in slides)
+    best_pipe = min(s["pipeline_read"]["ratio_to_raw_decode_once"] or 0 for s in slides)
     emit(
         {
             "bench": "B1 reading",
@@ -172,6 +200,7 @@ def main() -> None:
             "synth_slide": sinfo,
             "slides": slides,
             "ratio_tiffslide_to_raw_min": best,
+            "ratio_pipeline_read_to_raw_once_min": best_pipe,
             "target": ">= 0.8",
             "met": best >= 0.8,
         }
