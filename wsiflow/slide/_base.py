@@ -201,8 +201,7 @@ class Slide:
         if (cx0, cy0, cx1, cy1) == (ix0, iy0, ix1, iy1):
             canvas = pix
         else:
-            canvas = np.full((ch, cw, 3), 255, np.uint8)
-            canvas[cy0 - iy0 : cy1 - iy0, cx0 - ix0 : cx1 - ix0] = pix
+            canvas = _white_margins(pix, cy0 - iy0, iy1 - cy1, cx0 - ix0, ix1 - cx1)
         bx0, by0 = fx0 - ix0 - dx, fy0 - iy0 - dy
         bx1, by1 = fx1 - ix0 - dx, fy1 - iy0 - dy
         if (cw, ch) == (w, h) and max(abs(bx0), abs(by0), abs(bx1 - w), abs(by1 - h)) < 1e-3:
@@ -451,3 +450,16 @@ def _is_generic_refusal(exc: BaseException) -> bool:
 
 def _near_int(v: float) -> bool:
     return abs(v - round(v)) < 1e-6
+
+
+def _white_margins(pix: NDArray[np.uint8], top: int, bottom: int, left: int, right: int) -> NDArray[np.uint8]:
+    """``pix`` inside white margins, each output pixel written once (a 255-filled canvas
+    overwritten by ``pix`` wrote the interior twice: ~8 ms per 2560² tile at the slide's edge)."""
+    h, w = pix.shape[:2]
+    out = np.empty((top + h + bottom, left + w + right, 3), np.uint8)
+    out[:top] = 255
+    out[top + h :] = 255
+    out[top : top + h, :left] = 255
+    out[top : top + h, left + w :] = 255
+    out[top : top + h, left : left + w] = pix
+    return out
