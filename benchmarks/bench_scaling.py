@@ -7,6 +7,9 @@ the same cluster (models loaded, first-task costs paid), so the ratios compare s
   and (full run) embedded 1 worker × 2 threads (one process using both cores);
 * a real ``dask scheduler`` + 2 ``dask worker`` processes (1 thread each) on 127.0.0.1,
   used through ``--scheduler`` (ClusterOptions.scheduler): target within 5 % of embedded 2×1.
+  Two ~30-s runs of the same layout differ by up to ~10 % here, so (full run) the external
+  cluster is compared in 3 adjacent pairs (a fresh embedded 2×1 run, then the external run)
+  and the ratio is the median of the pairs' ratios.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import numpy as np
 from common import (
     SlideSpec,
     add_common_args,
@@ -48,15 +52,25 @@ def main() -> None:
     runs["embedded_1x1"] = run_on_cluster([slide], pipeline_path, out, 1, 1, **kw)
     if not a.quick:
         runs["embedded_1x2"] = run_on_cluster([slide], pipeline_path, out, 1, 2, **kw)
+        # one task at a time, torch using both cores: the bare models' best layout (B2/B3)
+        runs["embedded_1x1_torch2"] = run_on_cluster([slide], pipeline_path, out, 1, 1, torch_threads=2, **kw)
+    pairs: list[dict[str, Any]] = []
     with loopback_cluster(a.work / "logs" / "dask", n_workers=2, nthreads=1, timeout=90.0) as dp:
-        runs["external_2x1"] = run_on_cluster([slide], pipeline_path, out, scheduler=dp.address, **kw)
-        runs["external_2x1"]["address"] = dp.address
+        for i in range(1 if a.quick else 3):
+            emb = runs["embedded_2x1"] if a.quick else run_on_cluster([slide], pipeline_path, out, 2, 1, **kw)
+            ext_run = run_on_cluster([slide], pipeline_path, out, scheduler=dp.address, **kw)
+            ext_run["address"] = dp.address
+            if i == 0:
+                runs["external_2x1"] = ext_run
+            e_s, x_s = float(emb["slides"][0]["seconds"]), float(ext_run["slides"][0]["seconds"])
+            pairs.append({"embedded_2x1_s": e_s, "external_2x1_s": x_s, "ratio": ratio(x_s, e_s)})
 
     def sec(k: str) -> float:
         return float(runs[k]["slides"][0]["seconds"])
 
     speedup = ratio(sec("embedded_1x1"), sec("embedded_2x1"))
-    ext = ratio(sec("external_2x1"), sec("embedded_2x1"))
+    ext = float(np.median([p["ratio"] for p in pairs]))
+    ext = round(ext, 3)
     result: dict[str, Any] = {
         "bench": "B4 scaling",
         "machine": machine(),
@@ -67,12 +81,14 @@ def main() -> None:
         "speedup_target": ">= 1.8",
         "speedup_met": speedup is not None and speedup >= 1.8,
         "external_vs_embedded_time": ext,
+        "external_pairs": pairs,
         "external_target": "within 5% (0.95-1.05)",
         "external_met": ext is not None and abs(ext - 1) <= 0.05,
     }
     if "embedded_1x2" in runs:
         result["speedup_1x2_vs_1x1"] = ratio(sec("embedded_1x1"), sec("embedded_1x2"))
         result["embedded_2x1_vs_1x2"] = ratio(sec("embedded_1x2"), sec("embedded_2x1"))
+        result["embedded_2x1_vs_1x1_torch2"] = ratio(sec("embedded_1x1_torch2"), sec("embedded_2x1"))
     emit(result)
 
 

@@ -23,13 +23,15 @@ def run_on_cluster(
     scheduler: str | None = None,
     warm: Path | None = None,
     batch_tiles: int | None = None,
+    torch_threads: int | None = None,
 ) -> dict[str, Any]:
     """Run ``slides`` with the real Runner; returns per-slide seconds, cells, tiles.
 
     Before the timed slides every worker loads the models (an empty batch through
     ``client.run``); ``warm``: a small slide is also run first on the same cluster (first-task
     costs paid; its time is reported apart). ``batch_tiles``: tiles per task (default: the
-    pipeline's); small slides need 1 so that both workers get tasks.
+    pipeline's); small slides need 1 so that both workers get tasks. ``torch_threads``: torch's
+    intra-op threads in every worker, when it should differ from the worker's task threads.
     """
     from wsiflow.config import load_pipeline
     from wsiflow.execution.cluster import ClusterOptions, connect
@@ -53,6 +55,12 @@ def run_on_cluster(
         )
         from wsiflow.execution.tasks import run_batch
         from wsiflow.pipeline import SlideRef
+
+        if torch_threads is not None:
+            import torch
+
+            session.client.run(torch.set_num_threads, torch_threads)
+            res["torch_threads"] = torch_threads
 
         tw = time.perf_counter()
         session.client.run(run_batch, SlideRef(str(Path(slides[0]).resolve())), [], pipe, refs)
