@@ -5,7 +5,7 @@ Keep this file minimal and additive: several test modules depend on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,21 @@ import pytest
 from numpy.typing import NDArray
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module that runs models in-process (on a shared 2-core machine
+    more threads spin and run far slower); restored afterwards, with the pipeline's caches cleared."""
+    import torch
+
+    from wsiflow.pipeline import clear_caches
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    clear_caches()
 
 
 @pytest.fixture(scope="session")

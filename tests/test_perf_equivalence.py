@@ -23,15 +23,7 @@ from wsiflow.tiling import TileGrid
 CLS_MPP = 0.25  # the slide is read as 0.25 µm/px (--mpp): cls = level 0, seg = its 2×2 reduction
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    clear_caches()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
