@@ -273,12 +273,12 @@ def instances_from_probs(
     border = np.zeros(n_lab + 1, bool)
     border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
     ox, oy = float(origin_xy[0]), float(origin_xy[1])
+    cnt = counts[keep].astype(np.float64)
+    x = ox + (sum_c[keep] / cnt + 0.5) * scale
+    y = oy + (sum_r[keep] / cnt + 0.5) * scale
     if core is not None:
-        cnt_k = counts[keep].astype(np.float64)
-        cx = ox + (sum_c[keep] / cnt_k + 0.5) * scale
-        cy = oy + (sum_r[keep] / cnt_k + 0.5) * scale
-        owned = (cx >= core[0]) & (cx < core[2]) & (cy >= core[1]) & (cy < core[3]) & ~border[keep]
-        keep = keep[owned]
+        owned = (x >= core[0]) & (x < core[2]) & (y >= core[1]) & (y < core[3]) & ~border[keep]
+        keep, cnt, x, y = keep[owned], cnt[owned], x[owned], y[owned]
         if len(keep) == 0:
             return CellTable.empty(0), np.zeros(0, bool)
     slices = ndi.find_objects(labels)
@@ -291,9 +291,6 @@ def instances_from_probs(
     rings, lengths = polygons_from_labels(labels, keep, simplify_px)
 
     n = len(keep)
-    cnt = counts[keep].astype(np.float64)
-    x = ox + (sum_c[keep] / cnt + 0.5) * scale
-    y = oy + (sum_r[keep] / cnt + 0.5) * scale
     bbox = np.empty((n, 4))
     bbox[:, [0, 2]] = ox + bbox_px[:, [0, 2]] * scale
     bbox[:, [1, 3]] = oy + bbox_px[:, [1, 3]] * scale
