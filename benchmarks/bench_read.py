@@ -132,28 +132,23 @@ def bench_slide(path: Path, pipeline_path: Path, label: str) -> dict[str, Any]:
         "seconds": round(once_t, 3),
         "saving_vs_twice": ratio(raw_t, once_t),
     }
-    # what process_tile does: the cls image read once and the seg image its k×k reduction when
-    # the grids align (else both reads), with the TiffSlide backend the workers use
-    from wsiflow.pipeline import _read_once, _read_size, _reduce
+    # process_tile's own reads (read_seg_image: the cls image read once and the seg image its k×k
+    # reduction when the grids align, else both reads), with the TiffSlide backend the workers use
+    from wsiflow.pipeline import read_seg_image
 
     with open_slide(str(path), backend="tiffslide") as s:
-        cls_scale = s.read_level0_scale(cls_mpp)
         once = 0
         s.read(*reads[0][:4], reads[0][4])  # warm, as for the backends below
         t0 = time.perf_counter()
         for t in plan.tiles:
-            b, (w, h) = t.read, t.read_px
-            cw, ch = _read_size(b.w, b.h, cls_scale)
-            image = _read_once(s, b, (w, h), (cw, ch), cls_mpp)
+            _, image, (cw, ch) = read_seg_image(s, t, seg_mpp, cls_mpp)
             if image is None:
-                s.read(b.x, b.y, w, h, seg_mpp)
-                s.read(b.x, b.y, cw, ch, cls_mpp)
+                s.read(t.read.x, t.read.y, cw, ch, cls_mpp)  # process_tile's second read
             else:
-                _reduce(image, cw // w)
                 once += 1
         dt = time.perf_counter() - t0
     res["pipeline_read"] = {
-        "what": "process_tile's reads: _read_once + _reduce (tiffslide), vs raw_decode_once",
+        "what": "process_tile's reads (read_seg_image, + the cls read when needed), tiffslide",
         "tiles_read_once": once,
         "seconds": round(dt, 3),
         "out_MPps": round(out_px / 1e6 / dt, 1),

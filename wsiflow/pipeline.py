@@ -230,14 +230,8 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
     seg_mpp = pipeline.resolution.seg_mpp
     cls_mpp = pipeline.resolution.cls_mpp
     box = tile.read
-
-    w, h = tile.read_px
-    cls_scale = slide.read_level0_scale(cls_mpp)
-    cw, ch = _read_size(box.w, box.h, cls_scale)
-    image = _read_once(slide, box, (w, h), (cw, ch), cls_mpp)
-    rgb = slide.read(box.x, box.y, w, h, seg_mpp) if image is None else _reduce(image, cw // w)
-    if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (PIL-backed reads)
-        rgb = rgb.copy()
+    w = tile.read_px[0]
+    rgb, image, (cw, ch) = read_seg_image(slide, tile, seg_mpp, cls_mpp)
     # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
     # builds only the cells this tile owns: centroid in the core, not cut by the read box's edge
     core = tile.core
@@ -268,6 +262,21 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
             f"classifier returned probabilities of shape {probs.shape}, expected ({len(kept)}, {n_classes})"
         )
     return kept.with_classes(probs)
+
+
+def read_seg_image(
+    slide: Slide, tile: Tile, seg_mpp: float, cls_mpp: float
+) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None, tuple[int, int]]:
+    """The tile's read box at ``seg_mpp`` (writeable), its cls image when both came from one
+    decode (else None: read it at ``cls_mpp`` when needed), and the cls image's (w, h)."""
+    box = tile.read
+    w, h = tile.read_px
+    cw, ch = _read_size(box.w, box.h, slide.read_level0_scale(cls_mpp))
+    image = _read_once(slide, box, (w, h), (cw, ch), cls_mpp)
+    rgb = slide.read(box.x, box.y, w, h, seg_mpp) if image is None else _reduce(image, cw // w)
+    if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (PIL-backed reads)
+        rgb = rgb.copy()
+    return rgb, image, (cw, ch)
 
 
 def _read_once(
