@@ -397,3 +397,24 @@ def test_real_broken_files_raise_slide_error(shared_data: Path, name: str, backe
         s = open_slide(path, backend=backend)
         s.read_scaled(0, 0, 16, 16, 1.0)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_sparse_tile_reads_white_and_neighbours_intact(tmp_path: Path) -> None:
+    """A tile with no data (byte count 0) is background: white, while the tiles around it decode."""
+    tile = np.full((256, 256, 3), 40, np.uint8)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(
+        path,
+        (None if i == 1 else tile for i in range(4)),  # tile (row 0, col 1) left out
+        shape=(512, 512, 3),
+        dtype=np.uint8,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="jpeg",
+    )
+    assert tifffile.TiffFile(path).pages[0].databytecounts[1] == 0
+    with open_slide(path, backend="tiffslide", mpp=0.5) as s:
+        out = s.read(0, 0, 512, 512, 0.5)
+    assert (out[:256, 256:] == 255).all()
+    for decoded in (out[:256, :256], out[256:]):
+        assert np.abs(decoded.astype(int) - 40).max() <= 2
