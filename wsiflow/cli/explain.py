@@ -39,8 +39,9 @@ def explain(
     import numpy as np
     from PIL import Image
 
+    from wsiflow.atomic import atomic_write_bytes
     from wsiflow.errors import ConfigError, ModelError
-    from wsiflow.models.bundle import ModelBundle, atomic_write_bytes
+    from wsiflow.models.bundle import ModelBundle
     from wsiflow.train.data import load_image
     from wsiflow.train.gradcam import grad_cam, overlay
 
@@ -72,7 +73,7 @@ def explain(
             name = f"{start + j:04d}_{p.stem}_{codes[res.target]}.png"
             png = io.BytesIO()
             Image.fromarray(panel).save(png, format="PNG")
-            atomic_write_bytes(out / name, png.getvalue())
+            atomic_write_bytes(out / name, png.getvalue(), fsync=False)
             w.writerow([str(p), name, codes[res.target], codes[pred], f"{res.probs[pred]:.4f}"])
     atomic_write_bytes(out / "explain.csv", buf.getvalue().encode())
     typer.echo(f"wrote {len(paths)} Grad-CAM panels (crop | overlay, layer {layer}) to {out}")

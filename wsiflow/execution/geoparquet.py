@@ -7,15 +7,14 @@ column per class. Built column-wise with shapely's vectorised constructors.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from wsiflow.atomic import atomic_path
 from wsiflow.cells import CellTable
 from wsiflow.config import ClassDef
-from wsiflow.errors import OutputError
 
 __all__ = ["geoparquet_available", "write_geoparquet"]
 
@@ -66,11 +65,6 @@ def write_geoparquet(path: Path, cells: CellTable, taxonomy: Sequence[ClassDef])
     for k, c in enumerate(taxonomy):
         data[f"p_{c.code}"] = cells.probs[:, k] if cells.probs.shape[1] > k else np.zeros(n, np.float32)
     frame = gpd.GeoDataFrame(data, geometry=gpd.GeoSeries(polys), crs=None)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return n

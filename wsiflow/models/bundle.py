@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from wsiflow._version import __version__
+from wsiflow.atomic import atomic_path, atomic_write_bytes
 from wsiflow.errors import BundleIntegrityError, ModelError
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT",
     "ModelBundle",
-    "atomic_write_bytes",
     "check_taxonomy",
     "file_sha256",
     "resolve_bundle",
@@ -58,27 +57,6 @@ _PICKLE_REASON = (
     "pickle-based weight files are refused because unpickling can execute arbitrary code; "
     "convert the weights to .safetensors with a JSON card (see `wsiflow train`)"
 )
-
-
-def _readable(path: Path) -> None:
-    """Give a temp file the permissions a plain ``open`` would (mkstemp makes them 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        _readable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _weights_dir() -> Path:
@@ -288,24 +266,23 @@ def save_bundle(
         if fp16 and t.is_floating_point():
             t = t.to(torch.float16)
         tensors[k] = t.contiguous().clone()
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "name": str(card.get("name", target.stem))})
-    digest = file_sha256(tmp)
-    full = dict(card)
-    full.setdefault("name", target.stem)
-    full["format"] = FORMAT
-    full["sha256"] = digest
-    full["storage_dtype"] = "float16" if fp16 else "float32"
-    full["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-    full["wsiflow_version"] = __version__
-    missing = [k for k in REQUIRED_KEYS if k not in full]
-    if missing:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(f"{card_path}: card lacks {', '.join(missing)}")
-    _readable(tmp)
-    os.replace(tmp, weights)
+    with atomic_path(weights, fsync=False, mkdir=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "name": str(card.get("name", target.stem))})
+        digest = file_sha256(tmp)
+        full = dict(card)
+        full.setdefault("name", target.stem)
+        full["format"] = FORMAT
+        full["sha256"] = digest
+        full["storage_dtype"] = "float16" if fp16 else "float32"
+        full["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        full["wsiflow_version"] = __version__
+        missing = [k for k in REQUIRED_KEYS if k not in full]
+        if missing:
+            raise ModelError(f"{card_path}: card lacks {', '.join(missing)}")
     atomic_write_bytes(
-        card_path, orjson.dumps(full, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+        card_path,
+        orjson.dumps(full, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n",
+        fsync=False,
+        mkdir=True,
     )
     return ModelBundle.load(weights)

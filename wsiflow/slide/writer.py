@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -26,6 +25,8 @@ from typing import Any, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
+
+from wsiflow.atomic import atomic_path
 
 RegionFn: TypeAlias = Callable[[int, int, int, int], NDArray[np.uint8]]
 
@@ -84,54 +85,53 @@ def write_pyramid_tiff(
     codec = _codec(compression, quality)
     # Aperio JPEG 2000 slides keep a JPEG strip thumbnail (readers refuse J2K strips there)
     thumb_codec = _codec("jpeg", quality) if compression.lower() == "jpeg2000" else codec
-    tmp_name = str(out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp")  # created with the umask
-    mm_path = tmp_name + ".reduced"
-    try:
-        rw, rh = math.ceil(width / reduce), math.ceil(height / reduce)
-        reduced: np.memmap[Any, np.dtype[np.uint8]] = np.lib.format.open_memmap(
-            mm_path, mode="w+", dtype=np.uint8, shape=(rh, rw, 3)
-        )
-        with tifffile.TiffWriter(tmp_name, bigtiff=bigtiff) as tif:
-            desc0 = _aperio_desc(width, height, tile, quality, mpp, app_mag) if aperio else None
-            tif.write(
-                _level0_tiles(region, width, height, tile, reduced, reduce),
-                shape=(height, width, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                description=desc0,
-                **codec,
-                **_resolution(mpp, aperio),
+    with atomic_path(out, fsync=False) as tmp:
+        tmp_name = str(tmp)
+        mm_path = tmp_name + ".reduced"
+        try:
+            rw, rh = math.ceil(width / reduce), math.ceil(height / reduce)
+            reduced: np.memmap[Any, np.dtype[np.uint8]] = np.lib.format.open_memmap(
+                mm_path, mode="w+", dtype=np.uint8, shape=(rh, rw, 3)
             )
-            reduced.flush()
-            if aperio:
-                tw, th = _thumb_size(width, height)
-                full_box = (0.0, 0.0, width / reduce, height / reduce)
-                thumb = _resample(reduced, (rw, rh), full_box, (tw, th))
+            with tifffile.TiffWriter(tmp_name, bigtiff=bigtiff) as tif:
+                desc0 = _aperio_desc(width, height, tile, quality, mpp, app_mag) if aperio else None
                 tif.write(
-                    thumb,
-                    description=f"{_APERIO_HEADER} \r\n{width}x{height} -> {tw}x{th} - |",
-                    rowsperstrip=16,
-                    **thumb_codec,
-                )
-            for ds in lower:
-                lw, lh = level_size((width, height), ds)
-                desc = f"{_APERIO_HEADER} \r\n{width}x{height} -> {lw}x{lh} - |" if aperio else None
-                tif.write(
-                    _level_tiles(reduced, (width / lw / reduce, height / lh / reduce), (lw, lh), tile),
-                    shape=(lh, lw, 3),
+                    _level0_tiles(region, width, height, tile, reduced, reduce),
+                    shape=(height, width, 3),
                     dtype=np.uint8,
                     tile=(tile, tile),
-                    description=desc,
-                    subfiletype=0 if aperio else 1,
+                    description=desc0,
                     **codec,
-                    **_resolution(mpp * width / lw if mpp else None, aperio),
+                    **_resolution(mpp, aperio),
                 )
-        del reduced
-        os.replace(tmp_name, out)
-    finally:
-        for p in (tmp_name, mm_path):
-            if os.path.exists(p):
-                os.unlink(p)
+                reduced.flush()
+                if aperio:
+                    tw, th = _thumb_size(width, height)
+                    full_box = (0.0, 0.0, width / reduce, height / reduce)
+                    thumb = _resample(reduced, (rw, rh), full_box, (tw, th))
+                    tif.write(
+                        thumb,
+                        description=f"{_APERIO_HEADER} \r\n{width}x{height} -> {tw}x{th} - |",
+                        rowsperstrip=16,
+                        **thumb_codec,
+                    )
+                for ds in lower:
+                    lw, lh = level_size((width, height), ds)
+                    desc = f"{_APERIO_HEADER} \r\n{width}x{height} -> {lw}x{lh} - |" if aperio else None
+                    tif.write(
+                        _level_tiles(reduced, (width / lw / reduce, height / lh / reduce), (lw, lh), tile),
+                        shape=(lh, lw, 3),
+                        dtype=np.uint8,
+                        tile=(tile, tile),
+                        description=desc,
+                        subfiletype=0 if aperio else 1,
+                        **codec,
+                        **_resolution(mpp * width / lw if mpp else None, aperio),
+                    )
+            del reduced
+        finally:
+            if os.path.exists(mm_path):
+                os.unlink(mm_path)
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from wsiflow.atomic import atomic_path, atomic_write_bytes
 from wsiflow.synth.cells import CLASS_CODES
 from wsiflow.synth.layout import SynthParams
 from wsiflow.synth.slide import SyntheticSlide
@@ -35,9 +36,8 @@ def jpeg_roundtrip(rgb: NDArray[np.uint8], quality: int = 90) -> NDArray[np.uint
 
 
 def _save_png(path: Path, img: NDArray[np.uint8]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
 
 
 def balanced_params(seed: int, per_class: int, size: int = 6000, mpp: float = 0.25) -> SynthParams:
@@ -202,9 +202,8 @@ def install_demo_bundle(src: str | os.PathLike[str], name: str, weights_dir: str
     card = orjson.loads(s.with_suffix(".json").read_bytes())
     dst_dir = Path(weights_dir)
     dst = dst_dir / f"{name}.safetensors"
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(s, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst, fsync=False) as tmp:
+        shutil.copyfile(s, tmp)
     card["name"] = name
     card["demo"] = True
     notes = str(card.get("notes") or "")
@@ -214,9 +213,7 @@ def install_demo_bundle(src: str | os.PathLike[str], name: str, weights_dir: str
         td["description"] = f"{DEMO_NOTE}. {td.get('description', '')}".strip()
     card["training_data"] = td
     js = dst.with_suffix(".json")
-    tmpj = js.with_name(f".{js.name}.tmp")
-    tmpj.write_bytes(orjson.dumps(card, option=orjson.OPT_INDENT_2) + b"\n")
-    os.replace(tmpj, js)
+    atomic_write_bytes(js, orjson.dumps(card, option=orjson.OPT_INDENT_2) + b"\n", fsync=False)
     return dst
 
 

@@ -22,6 +22,7 @@ import orjson
 from numpy.typing import NDArray
 
 from wsiflow._version import __version__
+from wsiflow.atomic import atomic_open, atomic_write_bytes
 from wsiflow.synth.cells import CLASS_CODES, LINEAGE_OF, CellPatch, render_cell
 from wsiflow.synth.layout import LINEAGES, CellLayout, SynthParams, place_cells
 from wsiflow.synth.smear import DensityField, RedCells, SmearStyle, background_od, pixel_noise
@@ -253,18 +254,15 @@ class SyntheticSlide:
 
     def write_truth(self, slide_path: str | os.PathLike[str]) -> tuple[Path, Path]:
         gj, js = truth_paths(slide_path)
-        tmp = gj.with_name(f".{gj.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(gj, fsync=False) as f:
             f.write(b'{"type":"FeatureCollection","features":[')
             for k, feat in enumerate(self.truth_features()):
                 if k:
                     f.write(b",\n")
                 f.write(orjson.dumps(feat))
             f.write(b"]}\n")
-        os.replace(tmp, gj)
-        tmp = js.with_name(f".{js.name}.tmp")
-        tmp.write_bytes(orjson.dumps(self.truth_summary(), option=orjson.OPT_INDENT_2) + b"\n")
-        os.replace(tmp, js)
+        summary = orjson.dumps(self.truth_summary(), option=orjson.OPT_INDENT_2) + b"\n"
+        atomic_write_bytes(js, summary, fsync=False)
         return gj, js
 
 

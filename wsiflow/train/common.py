@@ -19,11 +19,10 @@ import orjson
 import torch
 from safetensors.torch import load_file, save_file
 
+from wsiflow.atomic import atomic_path, atomic_write_bytes
 from wsiflow.errors import ModelError
-from wsiflow.models.bundle import atomic_write_bytes
 
 __all__ = [
-    "atomic_write_bytes",
     "checkpoint_paths",
     "cpu_autocast_dtype",
     "load_checkpoint",
@@ -119,13 +118,14 @@ def save_checkpoint(
         ]
         opt_meta = {"param_groups": groups}
     st_path, js_path = checkpoint_paths(stem)
-    st_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = st_path.with_name(f".{st_path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, st_path)
+    with atomic_path(st_path, fsync=False, mkdir=True) as tmp:
+        save_file(tensors, str(tmp))
     payload = {"format": "wsiflow-checkpoint/1", "optimizer": opt_meta, "state": state}
     atomic_write_bytes(
-        js_path, orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+        js_path,
+        orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY),
+        fsync=False,
+        mkdir=True,
     )
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from wsiflow.atomic import atomic_write_bytes
 from wsiflow.classify import predict_probs
 from wsiflow.errors import ConfigError, ModelError
-from wsiflow.models.bundle import ModelBundle, atomic_write_bytes
+from wsiflow.models.bundle import ModelBundle
 from wsiflow.train import data as D
 from wsiflow.train.common import pick_device, set_threads
 from wsiflow.train.metrics import ClassificationReport, classification_report, write_report
@@ -99,5 +100,5 @@ def evaluate_classifier(
                 *(f"{v:.5f}" for v in probs[i]),
             ]
         )
-    atomic_write_bytes(out_dir / "predictions.csv", buf.getvalue().encode())
+    atomic_write_bytes(out_dir / "predictions.csv", buf.getvalue().encode(), fsync=False, mkdir=True)
     return report

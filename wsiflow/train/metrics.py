@@ -31,7 +31,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from wsiflow.models.bundle import atomic_write_bytes
+from wsiflow.atomic import atomic_write_bytes
 
 PER_CLASS_FIELDS = ("sensitivity", "specificity", "auc", "accuracy", "ppv", "npv", "f1", "average_precision")
 _HEAD = {
@@ -249,7 +249,7 @@ def plot_roc(report: ClassificationReport, path: Path, title: str = "ROC, one-vs
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fsync=False, mkdir=True)
 
 
 def write_report(

@@ -14,7 +14,6 @@ segmenter's µm/px, ready for ``wsiflow train segmenter IMAGES MASKS``.
 from __future__ import annotations
 
 import json
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import draw, filters, measure, morphology, transform
 
+from wsiflow.atomic import atomic_path
 from wsiflow.errors import WsiflowError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -256,9 +256,8 @@ def encode_mask(cell: NDArray[np.bool_], nucleus: NDArray[np.bool_] | None) -> N
 
 
 def _save_png(path: Path, arr: NDArray[np.uint8]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.png", fsync=False) as tmp:
+        Image.fromarray(arr).save(tmp)
 
 
 def iter_pbc(root: Path) -> Iterator[tuple[str, str, Path]]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wsiflow.atomic import atomic_write_bytes
 from wsiflow.config import Segmenter as SegmenterConfig
 from wsiflow.errors import WsiflowError
 from wsiflow.models.bundle import ModelBundle
@@ -35,9 +35,7 @@ __all__ = ["evaluate_bccd", "evaluate_masks", "evaluate_segmenter"]
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=False)
 
 
 def evaluate_masks(

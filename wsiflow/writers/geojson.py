@@ -40,9 +40,9 @@ import orjson
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
+from wsiflow.atomic import atomic_open
 from wsiflow.cells import COLUMNS, CellTable
 from wsiflow.config import ClassDef
-from wsiflow.writers._atomic import atomic_open
 
 __all__ = ["cell_uuids", "measurement_names", "write_geojson"]
 

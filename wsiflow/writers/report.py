@@ -36,10 +36,10 @@ from PIL import Image, ImageDraw
 
 from wsiflow._version import __version__
 from wsiflow.aggregate import band_labels, summarize
+from wsiflow.atomic import atomic_write_bytes
 from wsiflow.config import ClassDef, Pipeline, load_pipeline, parse_pipeline
 from wsiflow.errors import OutputError, WsiflowError
 from wsiflow.writers import figures
-from wsiflow.writers._atomic import atomic_write_bytes
 from wsiflow.writers.report_cells import (
     GALLERY_PER_KIND,
     CellColumns,

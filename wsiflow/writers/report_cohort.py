@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from wsiflow._version import __version__
+from wsiflow.atomic import atomic_write_bytes
 from wsiflow.errors import OutputError
-from wsiflow.writers._atomic import atomic_write_bytes
 from wsiflow.writers.report_html import CELLS_NAME, REPORT_NAME, SUMMARY_NAME, now, read_json, render
 from wsiflow.writers.summary import read_summary_csv
 from wsiflow.writers.zarr_store import FORMAT

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from wsiflow.writers._atomic import atomic_write_bytes, output_error
+from wsiflow.atomic import atomic_write_bytes, output_error
 
 __all__ = [
     "SUMMARY_BASE_COLUMNS",

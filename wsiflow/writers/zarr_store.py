@@ -40,9 +40,9 @@ import zarr
 from numpy.typing import ArrayLike, NDArray
 
 from wsiflow._version import __version__
+from wsiflow.atomic import output_error
 from wsiflow.cells import COLUMNS, DTYPES, CellTable
 from wsiflow.errors import OutputError
-from wsiflow.writers._atomic import output_error
 
 __all__ = ["FORMAT", "CellStore"]
 
