@@ -174,7 +174,7 @@ def test_appending_to_a_finished_store_clears_complete(tmp_path: Path) -> None:
     s = CellStore.create(tmp_path / "c.zarr", n_tiles=2, n_classes=K)
     s.append(make_table(0, 3), [0])
     s.finalize()
-    again = CellStore.open(tmp_path / "c.zarr")
+    again = CellStore.open(tmp_path / "c.zarr", mode="r+")
     again.append(make_table(1, 3), [1])
     again.flush()
     assert not CellStore.is_complete(tmp_path / "c.zarr")
@@ -205,7 +205,7 @@ def test_uncommitted_rows_are_truncated_on_open(tmp_path: Path) -> None:
     s._write_rows("cells/tile", t2.tile, len(t01), len(t01) + 25)
     s._write_rows("cells/poly_xy", t2.poly_xy, len(t01.poly_xy), len(t01.poly_xy) + len(t2.poly_xy))
     (path / "cells" / "x" / "c" / "0.deadbeef.partial").write_bytes(b"half")  # zarr temp file
-    reopened = CellStore.open(path)
+    reopened = CellStore.open(path, mode="r+")
     assert reopened.n_cells == len(t01)
     assert reopened._arr("cells/x").shape == (len(t01),)
     assert reopened._arr("cells/poly_xy").shape == (len(t01.poly_xy), 2)
@@ -233,7 +233,7 @@ def test_rows_of_tiles_not_marked_done_are_discarded(tmp_path: Path, monkeypatch
         s.flush()
     monkeypatch.undo()
     assert CellStore.open(path, mode="r").read_table().equals(t0)  # readers never see them
-    reopened = CellStore.open(path)
+    reopened = CellStore.open(path, mode="r+")
     assert reopened.n_cells == len(t0) and reopened.done.tolist() == [True, False, False, False]
     assert reopened.append(t12, [1, 2]) == len(t12)  # the resumed run redoes tiles 1 and 2
     reopened.finalize()
@@ -271,7 +271,7 @@ def test_sigkill_mid_run_then_resume_gives_every_cell_once(tmp_path: Path) -> No
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not CellStore.is_complete(path)
-    store = CellStore.open(path)
+    store = CellStore.open(path, mode="r+")
     done = np.flatnonzero(store.done)
     assert 0 < len(done) < 400, "kill the writer while it is appending"
     partial = store.read_table()
@@ -559,3 +559,22 @@ def test_symlink_escaping_out_is_refused(tmp_path: Path) -> None:
 def test_safe_name_is_bounded() -> None:
     assert len(safe_name("x" * 500)) <= 80
     assert safe_name("a..b") == "a.b"
+
+
+def test_store_read_columns_and_polygons_agree_with_read_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    s = CellStore.create(path, n_tiles=3, n_classes=K)
+    s.append(CellTable.concat(tables_for([2, 0]), K), [2, 0])
+    s.finalize()
+    store = CellStore.open(path)
+    assert not store.writable  # read-only is the default: opening never rolls anything back
+    want = store.read_table()
+    cols = store.read_columns(("id", "bbox", "probs", "class_id"))
+    assert np.array_equal(cols["id"], want.id) and np.array_equal(cols["bbox"], want.bbox)
+    assert cols["probs"].shape == (len(want), K) and np.array_equal(cols["class_id"], want.class_id)
+    rows = store.kept_rows()[::-1][:5]
+    polys = store.polygons(rows)
+    assert [p.tolist() for p in polys] == [want.polygon(int(r)).tolist() for r in rows]
+    assert store.polygons(np.zeros(0, np.int64)) == []
+    with pytest.raises(ValueError):
+        store.read_columns(("poly_xy",))

@@ -14,6 +14,16 @@ from dataclasses import dataclass, fields
 import numpy as np
 from numpy.typing import NDArray
 
+__all__ = [
+    "COLUMNS",
+    "DTYPES",
+    "ID_TILE_SHIFT",
+    "CellTable",
+    "closing_index",
+    "make_ids",
+    "ragged_take",
+]
+
 ID_TILE_SHIFT = 24  # id = tile << 24 | index within tile (≤ 16.7M cells per tile)
 
 COLUMNS: tuple[str, ...] = (
@@ -130,15 +140,8 @@ class CellTable:
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
         idx = idx.astype(np.int64)
-        counts = np.diff(self.poly_offsets)[idx]
-        offsets = np.zeros(len(idx) + 1, np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        if len(idx):
-            starts = self.poly_offsets[idx]
-            vert = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])
-            poly_xy = self.poly_xy[vert]
-        else:
-            poly_xy = np.zeros((0, 2), np.float32)
+        offsets, vert = ragged_take(self.poly_offsets, idx)
+        poly_xy = self.poly_xy[vert] if len(idx) else np.zeros((0, 2), np.float32)
         return CellTable(
             id=self.id[idx],
             x=self.x[idx],
@@ -202,3 +205,35 @@ class CellTable:
             elif not np.array_equal(a, b):
                 return False
         return True
+
+
+# --------------------------------------------------------------------------- ragged polygons
+# The one place that indexes the ragged polygon layout (offsets + vertices); CellTable.take,
+# the cell store's readers, the GeoJSON and the GeoParquet writers all go through these.
+
+
+def ragged_take(
+    offsets: NDArray[np.int64], rows: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The offsets of the polygons of ``rows`` (in that order) and the index of their
+    vertices into the vertex array that ``offsets`` describes."""
+    rows = np.asarray(rows, np.int64)
+    counts = (offsets[rows + 1] - offsets[rows]).astype(np.int64)
+    new = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(counts, out=new[1:])
+    # each output vertex: its row's first vertex plus its rank within the row
+    vert = np.repeat(offsets[rows] - new[:-1], counts) + np.arange(int(new[-1]), dtype=np.int64)
+    return new, vert
+
+
+def closing_index(offsets: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Index of the closed rings' vertices (first vertex repeated at the end) into the open
+    ones, and where each closed ring's repeated vertex lies in it."""
+    n = len(offsets) - 1
+    counts = np.diff(offsets)
+    last = offsets[1:] + np.arange(n, dtype=np.int64)  # the repeated first vertex of ring i
+    index = np.arange(int(offsets[-1]) + n, dtype=np.int64) - np.repeat(
+        np.arange(n, dtype=np.int64), counts + 1
+    )
+    index[last] = offsets[:-1]
+    return index, last

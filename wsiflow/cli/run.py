@@ -242,7 +242,7 @@ def _run(
         raise ConfigError("", "--checkpoint-seconds", "must be at least 0")
     pipe = load_pipeline(pipeline_ref)
     if geoparquet or pipe.outputs.geoparquet:
-        from wsiflow.execution.geoparquet import geoparquet_available
+        from wsiflow.writers.geoparquet import geoparquet_available
 
         why = geoparquet_available()
         if why:

@@ -46,7 +46,6 @@ from wsiflow.aggregate import summarize
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import MppError, OutputError, SlideError, WsiflowError
-from wsiflow.execution.geoparquet import write_geoparquet
 from wsiflow.execution.tasks import TaskError, run_batch
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.pipeline import ModelRefs, SlideRef
@@ -55,6 +54,7 @@ from wsiflow.tiling import Tile, TileGrid
 from wsiflow.tissue import select_tiles, tissue_mask
 from wsiflow.writers import geojson as geojson_writer
 from wsiflow.writers import summary as summary_writer
+from wsiflow.writers.geoparquet import write_geoparquet
 from wsiflow.writers.paths import slide_output_dir
 from wsiflow.writers.report import write_cohort_report, write_slide_report
 from wsiflow.writers.zarr_store import CellStore
@@ -387,7 +387,7 @@ class Runner:
         if out_dir.exists() and self.options.overwrite:
             shutil.rmtree(out_dir)
         if zpath.exists() and self.options.resume:
-            store = CellStore.open(zpath, flush_seconds=self.options.flush_seconds)
+            store = CellStore.open(zpath, mode="r+", flush_seconds=self.options.flush_seconds)
             _check_resumable(store.attrs, attrs, zpath)
             if store.complete and (out_dir / "summary.json").is_file():
                 return None

@@ -307,16 +307,16 @@ def load_detections(slide_dir: str | os.PathLike[str]) -> Detections:
     if (d / "cells.zarr").exists():
         from wsiflow.writers.zarr_store import CellStore
 
-        store = CellStore.open(d / "cells.zarr")
-        table = store.read_table()
+        store = CellStore.open(d / "cells.zarr")  # read-only: nothing is rolled back
+        cols = store.read_columns(("x", "y", "class_id"))
         codes = _codes_from_attrs(store.attrs)
         if codes is None:
             from wsiflow.config import load_pipeline
 
             codes = load_pipeline("mds").class_codes
-        cid = table.class_id.astype(int)
+        cid = cols["class_id"].astype(int)
         code = tuple(codes[c] if 0 <= c < len(codes) else "" for c in cid)
-        return Detections(table.x.copy(), table.y.copy(), code, summary, str(d / "cells.zarr"))
+        return Detections(cols["x"].copy(), cols["y"].copy(), code, summary, str(d / "cells.zarr"))
     gz = d / "cells.geojson.gz"
     from wsiflow.config import load_pipeline
 

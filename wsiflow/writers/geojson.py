@@ -41,7 +41,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from wsiflow.atomic import atomic_open
-from wsiflow.cells import COLUMNS, CellTable
+from wsiflow.cells import COLUMNS, CellTable, closing_index
 from wsiflow.config import ClassDef
 
 __all__ = ["cell_uuids", "measurement_names", "write_geojson"]
@@ -122,22 +122,10 @@ def _open_rings(table: CellTable) -> tuple[NDArray[np.float32], NDArray[np.int64
     return np.concatenate(parts).astype(np.float32), offsets
 
 
-def _closing_index(offsets: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Index of the closed rings' vertices into the open ones, and where each ring ends in it."""
-    n = len(offsets) - 1
-    counts = np.diff(offsets)
-    last = offsets[1:] + np.arange(n, dtype=np.int64)  # the repeated first vertex of ring i
-    index = np.arange(int(offsets[-1]) + n, dtype=np.int64) - np.repeat(
-        np.arange(n, dtype=np.int64), counts + 1
-    )
-    index[last] = offsets[:-1]
-    return index, last
-
-
 def _closed_rings(table: CellTable) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Vertices with each ring closed (first vertex repeated), and the new offsets."""
     xy, offsets = _open_rings(table)
-    index, _ = _closing_index(offsets)
+    index, _ = closing_index(offsets)
     return xy[index], offsets + np.arange(len(offsets), dtype=np.int64)
 
 
@@ -223,7 +211,7 @@ def _ring_words(offsets: NDArray[np.int64], xy: NDArray[np.float32]) -> NDArray[
     or |v| > 999999.99 (no slide is that large; orjson then writes those chunks)."""
     if not (len(xy) and np.isfinite(xy).all() and float(np.abs(xy).max()) <= _COORD_LIMIT):
         return None
-    index, last = _closing_index(offsets)
+    index, last = closing_index(offsets)
     words = _vertex_words(xy)[index]
     words[last, 2] &= _U(0x00FFFFFFFFFFFFFF)  # no "," after a ring's last vertex
     return words
@@ -318,7 +306,7 @@ def _features(table: CellTable, taxonomy: Sequence[ClassDef], slide_id: str) -> 
     xy, offsets = _open_rings(table)
     words = _ring_words(offsets, xy)
     if words is None:  # orjson's shortest text of the closed rings, glued per cell
-        index, _ = _closing_index(offsets)
+        index, _ = closing_index(offsets)
         closed = xy[index]
         cbuf = orjson.dumps(closed, option=orjson.OPT_SERIALIZE_NUMPY)
         cstart = _row_starts(cbuf, len(closed))

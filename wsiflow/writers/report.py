@@ -141,7 +141,7 @@ def _load_slide(slide_dir: Path) -> _SlideData:
     else:  # a run that did not finish: summarise what was committed
         if pipeline is None or cells is None:
             raise OutputError(f"{slide_dir}: no {SUMMARY_NAME} and no usable pipeline in {CELLS_NAME}")
-        failed = np.asarray(CellStore.open(zp, mode="r").failed, bool)
+        failed = np.asarray(CellStore.open(zp).failed, bool)
         selected = attrs.get("tiles_selected") or []
         summary = summarize(
             cells.class_id, pipeline, failed_tiles=int(failed.sum()), tiles_total=len(selected)

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from numpy.typing import NDArray
 
-from wsiflow.errors import OutputError
 from wsiflow.writers.zarr_store import CellStore
 
 __all__ = [
@@ -55,62 +53,17 @@ class CellColumns:
         idx = np.asarray(index, np.int64)
         if idx.size == 0:
             return []
-        g = zarr.open_group(self.path, mode="r", zarr_format=3)
-        n = _attr_int(g.attrs.get("n_cells"))
-        counts = np.asarray(_zarray(g, "cells/poly_counts")[:n], np.int64)
-        ends = np.zeros(n + 1, np.int64)
-        np.cumsum(counts, out=ends[1:])
-        rows = self.row[idx]
-        c = counts[rows]
-        starts = ends[rows]
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(c, out=offsets[1:])
-        vert = np.repeat(starts - offsets[:-1], c) + np.arange(offsets[-1])
-        xy = _zarray(g, "cells/poly_xy")
-        pts = (
-            np.asarray(xy.get_orthogonal_selection((vert, slice(None))), np.float32)
-            if vert.size
-            else (np.zeros((0, 2), np.float32))
-        )
-        return [pts[offsets[i] : offsets[i + 1]] for i in range(len(rows))]
-
-
-def _zarray(group: zarr.Group, key: str) -> zarr.Array:
-    arr = group[key]
-    if not isinstance(arr, zarr.Array):
-        raise OutputError(f"{key} is not an array")
-    return arr
+        return CellStore.open(self.path).polygons(self.row[idx])
 
 
 def read_cell_columns(path: str | os.PathLike[str]) -> tuple[dict[str, Any], CellColumns]:
     """Attributes and report columns of a cell store (read-only; nothing is rolled back)."""
     p = Path(path)
-    store = CellStore.open(p, mode="r")  # validates the format, gives tiles/done
-    attrs = store.attrs
-    done = np.asarray(store.done, bool)
-    g = zarr.open_group(p, mode="r", zarr_format=3)
-    n = int(attrs.get("n_cells", 0))
-    k = int(attrs.get("n_classes", 0))
-
-    def col(name: str, dtype: Any) -> NDArray[Any]:
-        return np.asarray(_zarray(g, f"cells/{name}")[:n], dtype)
-
-    tile = col("tile", np.int64)
-    keep = done[tile] if n else np.zeros(0, bool)
-    row = np.flatnonzero(keep).astype(np.int64)
-    sel = slice(None) if keep.all() else row
-    cols = CellColumns(
-        path=p,
-        row=row,
-        id=col("id", np.int64)[sel],
-        x=col("x", np.float64)[sel],
-        y=col("y", np.float64)[sel],
-        bbox=col("bbox", np.float64).reshape(n, 4)[sel],
-        area_um2=col("area_um2", np.float32)[sel],
-        class_id=col("class_id", np.int16)[sel],
-        probs=col("probs", np.float32).reshape(n, k)[sel],
-    )
-    return attrs, cols
+    store = CellStore.open(p)  # read-only; validates the format
+    row = store.kept_rows()
+    c = store.read_columns(("id", "x", "y", "bbox", "area_um2", "class_id", "probs"), rows=row)
+    cols = CellColumns(path=p, row=row, **c)
+    return store.attrs, cols
 
 
 @dataclass(frozen=True)
@@ -201,8 +154,3 @@ def densest_window(
     y0 = min(iy * by, max(0.0, H - wh)) if H > wh else (H - wh) / 2
     return float(x0), float(y0)
 
-
-def _attr_int(v: Any) -> int:
-    if not isinstance(v, int | float):
-        raise OutputError(f"cell store attribute n_cells is missing or invalid ({v!r})")
-    return int(v)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -41,7 +41,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from wsiflow._version import __version__
 from wsiflow.atomic import output_error
-from wsiflow.cells import COLUMNS, DTYPES, CellTable
+from wsiflow.cells import COLUMNS, DTYPES, CellTable, ragged_take
 from wsiflow.errors import OutputError
 
 __all__ = ["FORMAT", "CellStore"]
@@ -150,12 +150,13 @@ class CellStore:
     def open(
         cls,
         path: str | os.PathLike[str],
-        mode: Literal["r", "r+"] = "r+",
+        mode: Literal["r", "r+"] = "r",
         *,
         buffer_rows: int = CHUNK_ROWS,
         flush_seconds: float = 10.0,
     ) -> CellStore:
-        """Open an existing store; in ``r+`` mode, roll back anything not committed."""
+        """Open an existing store, read-only by default; ``r+`` (to append: resume) first
+        rolls back anything not committed."""
         p = Path(path)
         if not (p / "zarr.json").is_file():
             raise OutputError(f"{p}: no cell store here")
@@ -335,6 +336,57 @@ class CellStore:
         keep = self._done[tile] if n else np.zeros(0, bool)
         return values if keep.all() else values[keep]
 
+    def kept_rows(self) -> NDArray[np.int64]:
+        """Store row numbers of the cells :meth:`read_table` returns (committed, tile done)."""
+        n = self._n_cells
+        if not n:
+            return np.zeros(0, np.int64)
+        tile = np.asarray(self._arr("cells/tile")[:n], DTYPES["tile"])
+        return np.flatnonzero(self._done[tile]).astype(np.int64)
+
+    def read_columns(
+        self, names: Sequence[str], rows: NDArray[np.integer] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per-cell columns (no polygons) of the cells at store ``rows`` (default:
+        :meth:`kept_rows`), each in its CellTable dtype, ``bbox`` (n, 4), ``probs`` (n, K)."""
+        bad = [name for name in names if name not in ROW_COLUMNS]
+        if bad:
+            raise ValueError(f"not per-cell columns: {bad!r}")
+        n = self._n_cells
+        sel = self.kept_rows() if rows is None else np.asarray(rows, np.int64)
+        whole = len(sel) == n  # rows are distinct store rows: all of them, in order
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            values = np.asarray(self._arr(f"cells/{name}")[:n], DTYPES[name])
+            if name == "probs":
+                values = values.reshape(n, self.n_classes)
+            elif name == "bbox":
+                values = values.reshape(n, 4)
+            out[name] = values if whole and rows is None else values[sel]
+        return out
+
+    def polygons(self, rows: NDArray[np.integer]) -> list[NDArray[np.float32]]:
+        """Polygons (level-0 px, open rings) of the cells at store ``rows``; reads only
+        their vertices."""
+        sel = np.asarray(rows, np.int64)
+        if sel.size == 0:
+            return []
+        offsets, vert = ragged_take(self._vertex_ends(), sel)
+        xy = self._arr("cells/poly_xy")
+        pts = (
+            np.asarray(xy.get_orthogonal_selection((vert, slice(None))), np.float32)
+            if vert.size
+            else np.zeros((0, 2), np.float32)
+        )
+        return [pts[offsets[i] : offsets[i + 1]] for i in range(len(sel))]
+
+    def _vertex_ends(self) -> NDArray[np.int64]:
+        """Vertex range of committed row i: ``ends[i]:ends[i + 1]``."""
+        n = self._n_cells
+        ends = np.zeros(n + 1, np.int64)
+        np.cumsum(np.asarray(self._arr("cells/poly_counts")[:n], np.int64), out=ends[1:])
+        return ends
+
     def iter_sorted(self, rows: int = CHUNK_ROWS) -> Iterator[CellTable]:
         """The cells of :meth:`read_table` in id order (``CellTable.sorted``), ``rows`` at a
         time: memory holds the id column, its sort order and one chunk, never all cells.
@@ -343,14 +395,11 @@ class CellStore:
         holding its rows, whatever order the tiles were committed in.
         """
         n, m = self._n_cells, self._n_vertices
-        ends = np.zeros(n + 1, np.int64)  # vertex range of row i: ends[i]:ends[i + 1]
-        np.cumsum(np.asarray(self._arr("cells/poly_counts")[:n], np.int64), out=ends[1:])
+        ends = self._vertex_ends()
         if ends[-1] != m:
             raise OutputError(f"{self.path}: polygon vertex count disagrees with the committed rows")
         ids = np.asarray(self._arr("cells/id")[:n], np.int64)
-        tile = np.asarray(self._arr("cells/tile")[:n], DTYPES["tile"])
-        keep = np.flatnonzero(self._done[tile]) if n else np.zeros(0, np.int64)
-        del tile
+        keep = self.kept_rows()
         order = keep[np.argsort(ids[keep], kind="stable")]
         del ids, keep
         for a in range(0, len(order), max(1, rows)):
@@ -361,13 +410,7 @@ class CellStore:
                 picked = arr.oindex[(sel, slice(None)) if arr.ndim == 2 else sel]
                 cols[name] = np.asarray(picked, DTYPES[name])
             cols["probs"] = cols["probs"].reshape(len(sel), self.n_classes)
-            own = ends[sel + 1] - ends[sel]
-            offsets = np.zeros(len(sel) + 1, np.int64)
-            np.cumsum(own, out=offsets[1:])
-            # each output vertex: its row's first vertex plus its rank within the row
-            vidx = np.repeat(ends[sel], own) + (
-                np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], own)
-            )
+            offsets, vidx = ragged_take(ends, sel)
             xy = self._arr("cells/poly_xy").oindex[vidx, slice(None)] if len(vidx) else np.zeros((0, 2))
             cols["poly_offsets"] = offsets
             cols["poly_xy"] = np.asarray(xy, np.float32).reshape(-1, 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsiflow.atomic import atomic_path
-from wsiflow.cells import CellTable
+from wsiflow.cells import CellTable, closing_index
 from wsiflow.config import ClassDef
 
 __all__ = ["geoparquet_available", "write_geoparquet"]
@@ -32,18 +32,10 @@ def write_geoparquet(path: Path, cells: CellTable, taxonomy: Sequence[ClassDef])
     import shapely
 
     n = len(cells)
-    counts = np.diff(cells.poly_offsets)
     # closed rings: repeat each polygon's first vertex
-    ring_counts = counts + 1
-    ring_offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(ring_counts, out=ring_offsets[1:])
-    coords = np.empty((int(ring_offsets[-1]), 2), np.float64)
-    if n:
-        within = np.arange(int(ring_offsets[-1])) - np.repeat(ring_offsets[:-1], ring_counts)
-        src = np.repeat(cells.poly_offsets[:-1], ring_counts) + np.where(
-            within == np.repeat(counts, ring_counts), 0, within
-        )
-        coords[:] = cells.poly_xy[src]
+    ring_counts = np.diff(cells.poly_offsets) + 1
+    src, _ = closing_index(cells.poly_offsets)
+    coords = np.asarray(cells.poly_xy[src], np.float64)
     ring_index = np.repeat(np.arange(n), ring_counts)
     rings = shapely.linearrings(coords, indices=ring_index) if n else np.zeros(0, object)
     polys = shapely.polygons(rings) if n else np.zeros(0, object)
