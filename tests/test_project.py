@@ -57,3 +57,49 @@ def test_pinned_versions_agree_with_environment_yml() -> None:
         if name == "openslide-bin":
             continue  # the wheel's version is its own; conda has the library itself
         assert conda.get(cname) == ver, f"{name}: pyproject {ver} vs environment.yml {conda.get(cname)}"
+
+
+def _top_level_modules() -> set[str]:
+    pkg = ROOT / "wsiflow"
+    mods = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    mods |= {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    return mods
+
+
+def _contracts() -> list[dict]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def test_layer_contract_places_every_module() -> None:
+    (layers,) = [c for c in _contracts() if c["type"] == "layers"]
+    assert layers["containers"] == ["wsiflow"] and layers["exhaustive"] is True
+    placed = {m.strip() for layer in layers["layers"] for m in re.split(r"[:|]", layer)}
+    assert placed | set(layers.get("exhaustive_ignores", [])) == _top_level_modules()
+
+
+# which top-level modules may import each heavy library directly (DESIGN §4)
+HEAVY_OWNERS = {
+    "torch": {"models", "segment", "classify", "train"},
+    "dask": {"execution"},
+    "typer": {"cli"},
+}
+
+
+def test_heavy_import_contracts_cover_every_other_module() -> None:
+    for lib, owners in HEAVY_OWNERS.items():
+        (c,) = [c for c in _contracts() if c["type"] == "forbidden" and lib in c["forbidden_modules"]
+                and c.get("allow_indirect_imports")]
+        sources = {s.removeprefix("wsiflow.") for s in c["source_modules"]}
+        assert sources == _top_level_modules() - owners - {"weights"}, lib
+
+
+def test_logging_is_configured_only_in_the_cli() -> None:
+    pattern = re.compile(r"basicConfig|\.setLevel\(|addHandler\(|logging\.disable\(|dictConfig|fileConfig")
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in sorted((ROOT / "wsiflow").rglob("*.py"))
+        if "cli" not in p.relative_to(ROOT / "wsiflow").parts[:1]
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders

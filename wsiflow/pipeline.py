@@ -141,19 +141,11 @@ _models: dict[tuple[Any, ...], LoadedModels] = {}
 _local = threading.local()
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was requested but this worker has no CUDA device")
-    return device
-
-
 def get_models(refs: ModelRefs, pipeline: Pipeline) -> LoadedModels:
     """The segmenter and classifier for ``refs``, built once per process."""
-    device = _resolve_device(refs.device)
+    from wsiflow.models.device import resolve_device
+
+    device = resolve_device(refs.device)
     key = (
         refs.segmenter_sha256,
         refs.classifier_sha256,

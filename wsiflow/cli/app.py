@@ -8,12 +8,12 @@ config errors, 1 otherwise); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
 
 from wsiflow._version import __version__
+from wsiflow.cli._logging import configure as configure_logging
 from wsiflow.errors import ConfigError, WsiflowError
 
 app = typer.Typer(
@@ -39,11 +39,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(debug)
 
 
 def debug_enabled() -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 
+from wsiflow.cli._logging import quiet_dask
 from wsiflow.cli.app import app, debug_enabled
 
 DEMO_SIZE = "4000x4000"
@@ -99,7 +100,7 @@ def demo(
     cluster = ClusterOptions(
         n_workers=workers, threads_per_worker=threads_per_worker, quiet=not debug_enabled()
     )
-    with connect(cluster) as session:
+    with quiet_dask(debug_enabled()), connect(cluster) as session:
         typer.echo(f"wsiflow: {session.description}", err=True)
         results = Runner(session.client, pipe, refs, bundles, options, reporter).run([str(slide)])
     res = results[0]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from wsiflow.cli._logging import quiet_readers
 from wsiflow.cli.app import app, debug_enabled
 
 _COLUMNS = ("slide", "format", "size", "levels", "mpp", "vendor", "objective", "readable", "backend")
@@ -27,9 +27,7 @@ def info(
     """
     import orjson
 
-    if not debug_enabled():  # libraries log what we already report in one line
-        for name in ("tifffile", "tiffslide", "asyncio"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_readers(debug_enabled())  # libraries log what we already report in one line
     records = [_describe(s, mpp, backend) for s in slides]
     failed = False
     for rec in records:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from wsiflow.cli._logging import quiet_dask, quiet_readers
 from wsiflow.cli.app import app, debug_enabled
 from wsiflow.errors import ConfigError, OutputError, WsiflowError
 
@@ -217,13 +218,9 @@ def _run(
     progress: bool,
     report: bool = True,
 ) -> int:
-    import logging
-
     from wsiflow.config import load_pipeline
 
-    if not debug_enabled():  # libraries log what the runner reports in one line per slide
-        for name in ("tifffile", "tiffslide", "asyncio"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_readers(debug_enabled())  # libraries log what the runner reports in one line per slide
     if resume and overwrite:
         raise _usage("--resume and --overwrite exclude each other")
     if device not in ("auto", "cpu", "cuda"):
@@ -288,7 +285,7 @@ def _run(
         tls_key=str(tls_key) if tls_key else None,
         quiet=not debug_enabled(),
     )
-    with connect(cluster_options) as session:
+    with quiet_dask(debug_enabled()), connect(cluster_options) as session:
         runner = Runner(session.client, pipe, refs, bundles, options, reporter)
         typer.echo(f"wsiflow: {session.description}", err=True)
         link = session.dashboard_link or "not available (the dashboard needs the 'bokeh' package)"

@@ -75,19 +75,6 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _cuda_devices() -> int:
-    """Visible CUDA devices without importing torch on the client unless it is cheap."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return 0
-    try:
-        import torch
-
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    except Exception:  # pragma: no cover - torch broken
-        return 0
-
-
 def default_layout(device: str = "auto", cpus: int | None = None, gpus: int | None = None) -> tuple[int, int]:
     """(workers, threads per worker) for this machine.
 
@@ -96,7 +83,9 @@ def default_layout(device: str = "auto", cpus: int | None = None, gpus: int | No
     """
     cpus = _cpu_count() if cpus is None else max(1, cpus)
     if gpus is None:
-        gpus = 0 if device == "cpu" else _cuda_devices()
+        from wsiflow.models.device import cuda_device_count
+
+        gpus = 0 if device == "cpu" else cuda_device_count()
     if gpus > 0 and device != "cpu":
         n = gpus
     else:
@@ -139,10 +128,9 @@ class TorchThreads(WorkerPlugin):
         self.threads = threads
 
     def setup(self, worker: Any) -> None:
-        import torch
+        from wsiflow.models.device import set_torch_threads
 
-        n = self.threads or int(worker.state.nthreads)
-        torch.set_num_threads(max(1, n))
+        set_torch_threads(self.threads or int(worker.state.nthreads))
 
 
 def _dashboard(link: str | None) -> str | None:
@@ -153,25 +141,15 @@ def _dashboard(link: str | None) -> str | None:
 
 
 @contextmanager
-def _dask_log_level(level: int) -> Iterator[None]:
-    """Dask configures ``distributed`` at INFO; keep its chatter off our stderr."""
-    logger = logging.getLogger("distributed")
-    before = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
-
-
-@contextmanager
 def connect(options: ClusterOptions) -> Iterator[ClusterSession]:
-    """A client on an embedded LocalCluster, or on ``options.scheduler``; closed on exit."""
-    # quiet: workers log a traceback per failed task ("Compute Failed"); the runner already
-    # reports each failed tile in one line, so only --debug shows them
+    """A client on an embedded LocalCluster, or on ``options.scheduler``; closed on exit.
+
+    ``quiet`` is passed to the embedded workers (``silence_logs``): they log a traceback per
+    failed task ("Compute Failed"), which the runner already reports in one line. The
+    client process's own loggers are the CLI's to configure (``wsiflow.cli._logging``).
+    """
     silence = logging.CRITICAL if options.quiet else logging.WARNING
-    with _dask_log_level(silence):
-        yield from _connect(options, silence)
+    yield from _connect(options, silence)
 
 
 def _connect(options: ClusterOptions, silence: int) -> Iterator[ClusterSession]:
