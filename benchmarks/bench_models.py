@@ -39,7 +39,7 @@ from common import (
 def load_models(pipeline_path: Path) -> tuple[Any, Any, Any]:
     """(pipeline, Segmenter, Classifier) built as a worker builds them."""
     from wsiflow.config import load_pipeline
-    from wsiflow.pipeline import get_models, resolve_models
+    from wsiflow.execution.worker import get_models, resolve_models
 
     pipe = load_pipeline(pipeline_path)
     refs, _ = resolve_models(pipe, "cpu")
@@ -49,7 +49,7 @@ def load_models(pipeline_path: Path) -> tuple[Any, Any, Any]:
 
 def tile_rgb(slide_path: Path, pipe: Any) -> np.ndarray:
     """The read box of the first tissue tile, at seg_mpp (the U-Net's real input)."""
-    from wsiflow.execution.runner import plan_slide
+    from wsiflow.pipeline.plan import plan_slide
     from wsiflow.slide import open_slide
 
     plan = plan_slide(str(slide_path), pipe, None)

@@ -51,8 +51,8 @@ def naive(slide_path: str, pipeline_path: str, out_json: str) -> int:
     from PIL import Image
 
     from wsiflow.config import load_pipeline
-    from wsiflow.execution.runner import plan_slide
     from wsiflow.models.bundle import ModelBundle
+    from wsiflow.pipeline.plan import plan_slide
     from wsiflow.segment import instances_from_probs
 
     pipe = load_pipeline(pipeline_path)

@@ -107,7 +107,7 @@ def _raw_decode(path: Path, jt: dict[str, Any], once: bool) -> tuple[float, int,
 
 def bench_slide(path: Path, pipeline_path: Path, label: str) -> dict[str, Any]:
     from wsiflow.config import load_pipeline
-    from wsiflow.execution.runner import plan_slide
+    from wsiflow.pipeline.plan import plan_slide
     from wsiflow.slide import open_slide
 
     pipe = load_pipeline(pipeline_path)
@@ -134,7 +134,7 @@ def bench_slide(path: Path, pipeline_path: Path, label: str) -> dict[str, Any]:
     }
     # process_tile's own reads (read_seg_image: the cls image read once and the seg image its k×k
     # reduction when the grids align, else both reads), with the TiffSlide backend the workers use
-    from wsiflow.pipeline import read_seg_image
+    from wsiflow.pipeline.batch import read_seg_image
 
     with open_slide(str(path), backend="tiffslide") as s:
         once = 0

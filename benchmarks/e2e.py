@@ -36,7 +36,7 @@ def run_on_cluster(
     from wsiflow.config import load_pipeline
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions
-    from wsiflow.pipeline import resolve_models
+    from wsiflow.execution.worker import resolve_models
 
     pipe = load_pipeline(pipeline_path)
     refs, bundles = resolve_models(pipe, "cpu")
@@ -54,7 +54,7 @@ def run_on_cluster(
             session.client, pipe, refs, bundles, RunOptions(out=out, overwrite=True, batch_tiles=batch_tiles)
         )
         from wsiflow.execution.tasks import run_batch
-        from wsiflow.pipeline import SlideRef
+        from wsiflow.execution.worker import SlideRef
 
         if torch_threads is not None:
             import torch
@@ -123,8 +123,9 @@ def stage_profile(
     import wsiflow.classify as C
     import wsiflow.segment as S
     from wsiflow.config import load_pipeline
-    from wsiflow.execution.runner import plan_slide
-    from wsiflow.pipeline import SlideRef, get_models, process_batch, resolve_models
+    from wsiflow.execution.worker import SlideRef, get_models, get_slide, resolve_models
+    from wsiflow.pipeline.batch import process_batch
+    from wsiflow.pipeline.plan import plan_slide
     from wsiflow.slide._base import Slide
 
     torch.set_num_threads(threads)
@@ -135,7 +136,7 @@ def stage_profile(
     mid = len(plan.tiles) // 2
     tiles = plan.tiles[max(0, mid - n_tiles // 2) :][:n_tiles]
     ref = SlideRef(str(slide))
-    process_batch(ref, tiles[:1], pipe, refs)  # warm caches
+    process_batch(get_slide(ref), tiles[:1], pipe, get_models(refs, pipe))  # warm caches
     acc: dict[str, float] = defaultdict(float)
     patches: list[tuple[Any, str, str]] = [
         (Slide, "read", "read (Slide.read, seg + cls)"),
@@ -151,7 +152,7 @@ def stage_profile(
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
-        table = process_batch(ref, tiles, pipe, refs)
+        table = process_batch(get_slide(ref), tiles, pipe, get_models(refs, pipe))
         prof.disable()
         total = time.perf_counter() - t0
     finally:

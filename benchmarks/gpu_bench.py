@@ -133,7 +133,7 @@ def run_on_cluster_device(
     from wsiflow.config import load_pipeline
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions
-    from wsiflow.pipeline import resolve_models
+    from wsiflow.execution.worker import resolve_models
 
     pipe = load_pipeline(pipeline_path)
     refs, bundles = resolve_models(pipe, device)

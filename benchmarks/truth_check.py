@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsiflow.config import load_pipeline
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions
-    from wsiflow.pipeline import resolve_models
+    from wsiflow.execution.worker import resolve_models
     from wsiflow.synth import SynthParams, synthesize
     from wsiflow.synth import compare as cmp
 

@@ -22,7 +22,7 @@ def one_torch_thread() -> Iterator[None]:
     more threads spin and run far slower); restored afterwards, with the pipeline's caches cleared."""
     import torch
 
-    from wsiflow.pipeline import clear_caches
+    from wsiflow.execution.worker import clear_caches
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

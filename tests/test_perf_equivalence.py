@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from standins import make_random_inception, standin_pipeline, write_smear
 
-from wsiflow import pipeline as P
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline, parse_pipeline
-from wsiflow.pipeline import SlideRef, clear_caches, get_slide, process_batch, resolve_models
+from wsiflow.execution.worker import SlideRef, clear_caches, get_models, get_slide, resolve_models
+from wsiflow.pipeline import batch as P
+from wsiflow.pipeline.batch import process_batch
 from wsiflow.slide import open_slide
 from wsiflow.tiling import TileGrid
 
@@ -49,7 +50,7 @@ def _all_tiles(ref: SlideRef, pipe: Pipeline) -> CellTable:
     s = get_slide(ref)
     grid = TileGrid.from_pipeline(*s.dimensions, s.mpp, pipe)
     refs, _ = resolve_models(pipe, "cpu")
-    return process_batch(ref, grid.tiles, pipe, refs)
+    return process_batch(s, grid.tiles, pipe, get_models(refs, pipe))
 
 
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])

@@ -14,15 +14,15 @@ from wsiflow.cells import ID_TILE_SHIFT, CellTable
 from wsiflow.config import Pipeline, parse_pipeline
 from wsiflow.errors import BundleIntegrityError, ModelError, SlideError
 from wsiflow.execution.tasks import TaskError, run_batch
-from wsiflow.pipeline import (
+from wsiflow.execution.worker import (
     ModelRefs,
     SlideRef,
     clear_caches,
     get_models,
     get_slide,
-    process_batch,
     resolve_models,
 )
+from wsiflow.pipeline.batch import process_batch
 from wsiflow.tiling import TileGrid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,7 +41,8 @@ def _run_all(slide: Path, pipe: Pipeline, refs: ModelRefs, batch: int = 3) -> tu
     ref = SlideRef(str(slide))
     s = get_slide(ref)
     grid = TileGrid.from_pipeline(*s.dimensions, s.mpp, pipe)
-    tables = [process_batch(ref, grid.tiles[i : i + batch], pipe, refs) for i in range(0, len(grid), batch)]
+    models = get_models(refs, pipe)
+    tables = [process_batch(s, grid.tiles[i : i + batch], pipe, models) for i in range(0, len(grid), batch)]
     return CellTable.concat(tables, n_classes=len(pipe.taxonomy)), grid
 
 
@@ -97,7 +98,8 @@ def test_counts_identical_for_another_tile_size(smear, standin_models, run_a) ->
 
 def test_batches_are_deterministic_whatever_the_batching(smear, run_a) -> None:
     pipe, refs, table, grid = run_a
-    single = [process_batch(SlideRef(str(smear[0])), [t], pipe, refs) for t in grid.tiles]
+    slide, models = get_slide(SlideRef(str(smear[0]))), get_models(refs, pipe)
+    single = [process_batch(slide, [t], pipe, models) for t in grid.tiles]
     assert CellTable.concat(single, n_classes=len(pipe.taxonomy)).sorted().equals(table.sorted())
 
 
@@ -135,7 +137,7 @@ def test_worker_errors_are_scoped(tmp_path: Path, smear, run_a) -> None:
     pipe, refs, _, grid = run_a
     missing = SlideRef(str(tmp_path / "gone.svs"))
     with pytest.raises(SlideError):
-        process_batch(missing, grid.tiles[:1], pipe, refs)
+        process_batch(get_slide(missing), grid.tiles[:1], pipe, get_models(refs, pipe))
     with pytest.raises(TaskError) as exc:
         run_batch(missing, grid.tiles[:1], pipe, refs)
     assert exc.value.scope == "slide" and "gone.svs" in str(exc.value)

@@ -425,7 +425,7 @@ def test_client_holds_no_more_tile_results_than_tasks_in_flight(tmp_path: Path, 
     from wsiflow.config import load_pipeline
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions
-    from wsiflow.pipeline import resolve_models
+    from wsiflow.execution.worker import resolve_models
 
     smear, centres = write_smear(tmp_path / "smear.svs")
     yaml_path = write_pipeline_yaml(tmp_path / "p.yaml", standin_pipeline(*standin_models, tile_um=64.0))

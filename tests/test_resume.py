@@ -26,7 +26,7 @@ from wsiflow.errors import OutputError
 from wsiflow.execution.cluster import ClusterOptions, connect
 from wsiflow.execution.loopback import loopback_cluster
 from wsiflow.execution.runner import NullReporter, Runner, RunOptions, SlideResult, check_outputs
-from wsiflow.pipeline import resolve_models
+from wsiflow.execution.worker import resolve_models
 from wsiflow.writers.zarr_store import CellStore, read_done
 
 pytestmark = pytest.mark.slow

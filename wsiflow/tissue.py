@@ -28,12 +28,14 @@ from skimage.morphology import remove_small_objects
 from wsiflow.config import Tissue
 from wsiflow.types import Box
 
-__all__ = ["TissueMask", "select_tiles", "tissue_mask"]
+__all__ = ["THUMBNAIL_MAX_PX", "TissueMask", "select_tiles", "slide_tissue_mask", "tissue_mask"]
 
 SATURATION_FLOOR = 0.05  # glass in brightfield scans sits below this
 SATURATION_CEILING = 0.15  # pale pink red cells sit above this; Otsu never cuts higher
 CLOSING_UM = 16.0  # join stained specks up to about two cell diameters apart
 MIN_OBJECT_UM = 24.0  # drop stained specks smaller than a square of this side
+THUMBNAIL_MAX_PX = 4096  # longest side of the thumbnail the mask is computed on
+THUMBNAIL_MIN_PX = 64
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,23 @@ def tissue_mask(
     if max_small >= 1 and mask.any():
         mask = remove_small_objects(mask, max_size=max_small)
     return TissueMask(np.asarray(mask, bool), downsample)
+
+
+class _Thumbnails(Protocol):
+    """What :func:`slide_tissue_mask` needs of a slide (:class:`wsiflow.slide.Slide` has it)."""
+
+    def thumbnail(self, max_px: int = ...) -> NDArray[np.uint8]: ...
+
+
+def slide_tissue_mask(slide: _Thumbnails, size: tuple[int, int], mpp: float, cfg: Tissue) -> TissueMask:
+    """The tissue mask of a slide of level-0 ``size`` at ``mpp`` µm/px, from a thumbnail near
+    ``cfg.thumbnail_mpp`` (its longest side bounded to 64…4096 px); the thumbnail's true
+    µm/px comes from its size, not from the request."""
+    w, h = size
+    want = max(w, h) * mpp / cfg.thumbnail_mpp
+    thumb = slide.thumbnail(int(min(THUMBNAIL_MAX_PX, max(THUMBNAIL_MIN_PX, round(want)))))
+    thumb_mpp = w * mpp / max(1, thumb.shape[1])
+    return tissue_mask(thumb, cfg, mpp=thumb_mpp, slide_size=(w, h))
 
 
 def _closing(mask: NDArray[np.bool_], radius: float) -> NDArray[np.bool_]:

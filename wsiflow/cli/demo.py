@@ -73,7 +73,7 @@ def demo(
     from wsiflow.config import load_pipeline
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions
-    from wsiflow.pipeline import resolve_models
+    from wsiflow.execution.worker import resolve_models
     from wsiflow.synth import SynthParams, synthesize
     from wsiflow.synth import compare as cmp
 

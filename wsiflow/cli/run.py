@@ -247,7 +247,7 @@ def _run(
 
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions, check_outputs, expand_inputs, prepare_output
-    from wsiflow.pipeline import resolve_models
+    from wsiflow.execution.worker import resolve_models
 
     inputs, notes = expand_inputs(slides)
     reporter = BarReporter(enabled=progress)
@@ -265,7 +265,7 @@ def _run(
         report=report,
     )
     try:
-        check_outputs(options, inputs)
+        dirs = check_outputs(options, inputs)
     except OutputError as exc:
         raise _usage(str(exc)) from None
     prepare_output(out)  # before starting a cluster: an unwritable OUT fails in a second
@@ -290,7 +290,7 @@ def _run(
         typer.echo(f"wsiflow: {session.description}", err=True)
         link = session.dashboard_link or "not available (the dashboard needs the 'bokeh' package)"
         typer.echo(f"wsiflow: dashboard: {link}", err=True)
-        results = runner.run(inputs)
+        results = runner.run(inputs, dirs)
     typer.echo(format_table(results, pipe))
     typer.echo(f"outputs: {out}")
     return 0 if all(r.ok for r in results) else 1

@@ -1,9 +1,10 @@
-"""Run slides through a Dask cluster: plan → submit batches → collect → write (DESIGN §1).
+"""Run slides through a Dask cluster: plan → submit batches → collect → finish (DESIGN §1).
 
-For each slide, in order:
+This module is the dispatch half of a run; what happens to a slide is the pipeline
+layer's (:mod:`wsiflow.pipeline.plan`, :mod:`wsiflow.pipeline.batch`,
+:mod:`wsiflow.pipeline.finish`). For each slide, in order:
 
-1. **plan** (client): open the slide, require a trustworthy µm/px, build the tile grid,
-   drop background tiles with the tissue mask of a thumbnail;
+1. **plan** (client): :func:`wsiflow.pipeline.plan.plan_slide`;
 2. **resume bookkeeping**: ``OUT/<slide>/cells.zarr`` holds ``tiles/done``; with
    ``resume`` the finished tiles are skipped (after checking that the pipeline, models and
    slide are the ones the store was made with); a complete store skips the slide;
@@ -13,8 +14,12 @@ For each slide, in order:
 4. **failures**: a batch whose tile cannot be read is split into single tiles; a transient
    error is retried a bounded number of times; a tile that still fails is recorded as
    failed (store and summary) and the slide completes without it;
-5. **finish**: GeoJSON, ``summary.json`` and a row of ``OUT/summary.csv``, each written to
-   a temporary name and renamed; the store is marked complete last.
+5. **finish**: :func:`wsiflow.pipeline.finish.finish_slide` (GeoJSON, ``summary.json``;
+   the store is marked complete last), then :func:`~wsiflow.pipeline.finish.record_slide`
+   (the row of ``OUT/summary.csv``, the slide's report).
+
+:func:`prepare_run` checks and creates the output folders once (the CLI calls it before
+starting a cluster, and hands its result to :meth:`Runner.run`).
 
 The client holds at most ``max_in_flight`` small CellTables at a time, never all cells of
 a slide as Python objects. Appends are idempotent per tile, so a task that Dask runs twice
@@ -24,7 +29,6 @@ a slide as Python objects. Appends are idempotent per tile, so a task that Dask 
 from __future__ import annotations
 
 import errno
-import functools
 import glob
 import logging
 import math
@@ -33,7 +37,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,22 +45,23 @@ from typing import Any, Protocol
 import numpy as np
 from distributed import Client, Future, KilledWorker, as_completed
 
-from wsiflow._version import __version__
-from wsiflow.aggregate import summarize
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
-from wsiflow.errors import MppError, OutputError, SlideError, WsiflowError
+from wsiflow.errors import OutputError, SlideError, WsiflowError
 from wsiflow.execution.tasks import TaskError, run_batch
+from wsiflow.execution.worker import ModelRefs, SlideRef
 from wsiflow.models.bundle import ModelBundle
-from wsiflow.pipeline import ModelRefs, SlideRef
-from wsiflow.slide import open_slide
-from wsiflow.tiling import Tile, TileGrid
-from wsiflow.tissue import select_tiles, tissue_mask
-from wsiflow.writers import geojson as geojson_writer
-from wsiflow.writers import summary as summary_writer
-from wsiflow.writers.geoparquet import write_geoparquet
+from wsiflow.pipeline.finish import (
+    StoreSummary,
+    finish_slide,
+    model_meta,
+    record_run,
+    record_slide,
+    summarize_store,
+)
+from wsiflow.pipeline.plan import SlidePlan, plan_slide, slide_name
+from wsiflow.tiling import Tile
 from wsiflow.writers.paths import slide_output_dir
-from wsiflow.writers.report import write_cohort_report, write_slide_report
 from wsiflow.writers.zarr_store import CellStore
 
 __all__ = [
@@ -68,12 +73,12 @@ __all__ = [
     "check_outputs",
     "expand_inputs",
     "prepare_output",
+    "prepare_run",
 ]
 
 log = logging.getLogger(__name__)
 
 STATUS_ERROR = "error"
-THUMBNAIL_MAX_PX = 4096
 # a slide whose first tiles all fail (and none succeed) is given up after this many
 FAIL_FAST_TILES = 8
 
@@ -206,64 +211,11 @@ def prepare_output(out: Path) -> None:
         raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
 
 
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class SlidePlan:
-    ref: SlideRef
-    identity: dict[str, Any]
-    grid: TileGrid
-    tiles: list[Tile]  # selected (stained) tiles
-    tissue_fraction: float
-
-
-def _slide_name(path: str) -> str:
-    base = path.rstrip("/").rsplit("/", 1)[-1]
-    return base or path
-
-
-def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto") -> SlidePlan:
-    if "://" not in path:
-        p = Path(path)
-        if p.is_dir():
-            raise SlideError(path, "is a directory, not a slide file")
-    slide = open_slide(path, backend=backend, mpp=mpp)
-    try:
-        if slide.mpp is None:
-            note = f"{slide.mpp_note}; " if getattr(slide, "mpp_note", None) else ""
-            raise MppError(path, f"{note}no trustworthy µm/px in the file; pass --mpp X to set it")
-        w, h = (int(v) for v in slide.dimensions)
-        if w <= 0 or h <= 0:
-            raise SlideError(path, f"image has zero size ({w}×{h})")
-        grid = TileGrid.from_pipeline(w, h, float(slide.mpp), pipeline)
-        # thumbnail near the configured µm/px (bounded), its true µm/px from its size
-        want = max(w, h) * float(slide.mpp) / pipeline.tissue.thumbnail_mpp
-        thumb = slide.thumbnail(int(min(THUMBNAIL_MAX_PX, max(64, round(want)))))
-        thumb_mpp = w * float(slide.mpp) / max(1, thumb.shape[1])
-        mask = tissue_mask(thumb, pipeline.tissue, mpp=thumb_mpp, slide_size=(w, h))
-        tiles, fraction = select_tiles(grid, mask, pipeline.tissue.min_tile_fraction)
-        size = None
-        if "://" not in path:
-            try:
-                size = Path(path).stat().st_size
-            except OSError:
-                size = None
-        identity = {
-            "path": path if "://" in path else str(Path(path).resolve()),
-            "name": _slide_name(path),
-            "size_bytes": size,
-            "dimensions": [w, h],
-            "mpp": float(slide.mpp),
-            "mpp_override": mpp,
-            "vendor": slide.vendor,
-            "objective_power": slide.objective_power,
-            "backend": slide.backend,
-        }
-    finally:
-        slide.close()
-    ref = SlideRef(path=str(identity["path"]), mpp=mpp, backend=backend)
-    return SlidePlan(ref, identity, grid, tiles, fraction)
+def prepare_run(options: RunOptions, inputs: Sequence[str]) -> dict[str, Path]:
+    """Create ``options.out`` (proving it takes files), then the output folder per input
+    (:func:`check_outputs`). Run once per run, before any slide."""
+    prepare_output(options.out)
+    return check_outputs(options, inputs)
 
 
 # --------------------------------------------------------------------------- batches
@@ -309,39 +261,33 @@ class Runner:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, inputs: Sequence[str]) -> list[SlideResult]:
-        prepare_output(self.options.out)
-        dirs = check_outputs(self.options, inputs)
+    def run(self, inputs: Sequence[str], dirs: dict[str, Path] | None = None) -> list[SlideResult]:
+        """Every input in turn; ``dirs`` is :func:`prepare_run`'s result (made here when None)."""
+        if dirs is None:
+            dirs = prepare_run(self.options, inputs)
         results: list[SlideResult] = []
         for path in inputs:
             result = self.run_slide(path, dirs[path])
             results.append(result)
             # one row per slide; rows of slides from earlier runs into the same OUT stay
-            csv_path = self.options.out / "summary.csv"
-            summary_writer.update_summary_csv(csv_path, _csv_row(result), key="output")
-            if self.options.report and result.out_dir is not None and result.status != STATUS_ERROR:
-                self._write_report(
-                    functools.partial(write_slide_report, result.out_dir, slide_path=path), path
-                )
+            record_slide(
+                self.options.out,
+                _csv_row(result),
+                out_dir=result.out_dir if result.status != STATUS_ERROR else None,
+                slide_path=path,
+                report=self.options.report,
+                note=self.reporter.note,
+            )
             self.reporter.slide_finished(result)
         if self.options.report:
-            self._write_report(
-                functools.partial(write_cohort_report, self.options.out), str(self.options.out)
-            )
+            record_run(self.options.out, self.reporter.note)
         return results
-
-    def _write_report(self, write: Callable[[], object], what: str) -> None:
-        # A report that cannot be drawn costs a note, never the slide's results.
-        try:
-            write()
-        except (WsiflowError, OSError, ValueError) as exc:
-            self.reporter.note(f"{what}: HTML report not written ({_reason(exc)})")
 
     # ------------------------------------------------------------------ one slide
 
     def run_slide(self, path: str, out_dir: Path) -> SlideResult:
         t0 = time.perf_counter()
-        result = SlideResult(path=path, name=_slide_name(path), out_dir=out_dir, status=STATUS_ERROR)
+        result = SlideResult(path=path, name=slide_name(path), out_dir=out_dir, status=STATUS_ERROR)
         try:
             self._run_slide(path, out_dir, result)
         except RunAborted:
@@ -371,10 +317,7 @@ class Runner:
     def _store_attrs(self, plan: SlidePlan) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline.model_dump(mode="json"),
-            "models": {
-                b.task: {"name": b.name, "sha256": b.sha256, "demo": bool(b.card.get("demo", False))}
-                for b in self.bundles
-            },
+            "models": model_meta(self.bundles),
             "slide": plan.identity,
             "taxonomy": [c.model_dump(mode="json") for c in self.pipeline.taxonomy],
             "tiles_selected": [t.id for t in plan.tiles],
@@ -408,7 +351,8 @@ class Runner:
         if store is None:  # complete from an earlier run: same numbers, nothing recomputed
             result.tiles_skipped = len(plan.tiles)
             self.reporter.note(f"{path}: already complete in {out_dir}; skipped (--resume)")
-            self._summarize(plan, CellStore.open(out_dir / "cells.zarr", mode="r"), result)
+            finished = CellStore.open(out_dir / "cells.zarr")  # read-only
+            self._summarized(summarize_store(plan, finished, self.pipeline), result)
             return
         done = np.asarray(store.done, bool)
         todo = [t for t in plan.tiles if not done[t.id]]
@@ -418,7 +362,15 @@ class Runner:
         if plan.tiles and len(result.failed_tiles) == len(plan.tiles):
             first = next(iter(result.failed_tiles.values()))
             raise SlideError(path, f"all {len(plan.tiles)} tiles failed (first: {first})")
-        self._finish(plan, store, out_dir, result)
+        summary = finish_slide(
+            plan,
+            store,
+            out_dir,
+            self.pipeline,
+            model_meta(self.bundles),
+            geoparquet=self.options.geoparquet,
+        )
+        self._summarized(summary, result)
 
     def _in_flight(self) -> int:
         if self.options.max_in_flight:
@@ -429,7 +381,7 @@ class Runner:
     def _submit(self, plan: SlidePlan, batch: _Batch) -> Future:
         return self.client.submit(
             run_batch,
-            plan.ref,
+            SlideRef(path=plan.path, mpp=self.options.mpp, backend=self.options.backend),
             batch.tiles,
             self.pipeline,
             self.models,
@@ -475,7 +427,7 @@ class Runner:
                     self._failed(plan, store, batch, exc, queue, result)
                     if not succeeded and len(result.failed_tiles) >= min(FAIL_FAST_TILES, len(plan.tiles)):
                         first = next(iter(result.failed_tiles.values()))
-                        raise SlideError(plan.ref.path, f"no tile could be processed (first: {first})")
+                        raise SlideError(plan.path, f"no tile could be processed (first: {first})")
                 fut.release()
                 for new_fut in fill():
                     ac.add(new_fut)
@@ -495,7 +447,7 @@ class Runner:
         if isinstance(exc, TaskError) and exc.scope == "run":
             raise RunAborted(f"workers cannot run the models: {exc.message}")
         if isinstance(exc, TaskError) and exc.scope == "slide":
-            raise SlideError(plan.ref.path, f"workers cannot open it: {exc.message}")
+            raise SlideError(plan.path, f"workers cannot open it: {exc.message}")
         deterministic = isinstance(exc, TaskError | KilledWorker)
         reason = _reason(exc)
         if not deterministic and batch.attempts < self.options.max_retries:
@@ -511,62 +463,18 @@ class Runner:
         store.mark_failed([tile.id])
         result.failed_tiles[tile.id] = reason
         self.reporter.tiles_done(1, 0)
-        self.reporter.note(f"{plan.ref.path}: tile {tile.id} failed and is excluded ({reason})")
+        self.reporter.note(f"{plan.path}: tile {tile.id} failed and is excluded ({reason})")
 
     # ------------------------------------------------------------------ finish
 
-    def _summarize(self, plan: SlidePlan, store: CellStore, result: SlideResult) -> set[int]:
-        if store.writable:
-            store.flush()
-        failed = np.flatnonzero(np.asarray(store.failed, bool))
-        failed_set = {int(i) for i in failed}
-        selected_area = sum(t.core.w * t.core.h for t in plan.tiles) or 1.0
-        failed_area = sum(t.core.w * t.core.h for t in plan.tiles if t.id in failed_set)
-        class_ids = store.read_column("class_id")  # one small column, not the polygons
-        summary = summarize(
-            class_ids,
-            self.pipeline,
-            failed_tiles=len(failed_set),
-            failed_area_fraction=failed_area / selected_area,
-            tiles_total=len(plan.tiles),
-        )
-        result.n_cells = len(class_ids)
-        result.summary = summary.to_dict()
-        result.row = summary.to_row()
-        result.status = summary.status
-        for tid in failed_set:
+    @staticmethod
+    def _summarized(done: StoreSummary, result: SlideResult) -> None:
+        result.n_cells = done.n_cells
+        result.summary = done.summary.to_dict()
+        result.row = done.summary.to_row()
+        result.status = done.summary.status
+        for tid in done.failed_tiles:
             result.failed_tiles.setdefault(tid, "failed in an earlier run")
-        return failed_set
-
-    def _finish(self, plan: SlidePlan, store: CellStore, out_dir: Path, result: SlideResult) -> None:
-        failed_set = self._summarize(plan, store, result)
-        if self.pipeline.outputs.geojson:
-            # streamed from the store in canonical id order, a chunk at a time (bounded memory)
-            geojson_writer.write_geojson(
-                out_dir / "cells.geojson.gz",
-                store.iter_sorted(),
-                self.pipeline.taxonomy,
-                slide_id=out_dir.name,
-            )
-        if self.options.geoparquet or self.pipeline.outputs.geoparquet:
-            cells = store.read_table().sorted()  # opt-in output: pyarrow writes one table
-            write_geoparquet(out_dir / "cells.parquet", cells, self.pipeline.taxonomy)
-            del cells
-        doc = {
-            "wsiflow_version": __version__,
-            "slide": plan.identity,
-            "pipeline": self.pipeline.name,
-            "models": self._store_attrs(plan)["models"],
-            "tissue_fraction": plan.tissue_fraction,
-            "tiles": {
-                "grid": len(plan.grid),
-                "selected": len(plan.tiles),
-                "failed": sorted(failed_set),
-            },
-            "summary": result.summary,
-        }
-        summary_writer.write_summary_json(out_dir / "summary.json", doc)
-        store.finalize({"summary_status": result.status})
 
 
 def _csv_row(r: SlideResult) -> dict[str, Any]:

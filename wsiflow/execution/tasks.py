@@ -1,8 +1,8 @@
 """What a Dask task runs on a worker, and the error it sends back.
 
 Kept in its own small module so spawned workers (and external ``dask worker`` processes)
-import only this and :mod:`wsiflow.pipeline`. Errors cross the network as
-:class:`TaskError`, which pickles by value and says how far a failure reaches:
+import only this, :mod:`wsiflow.execution.worker` and :mod:`wsiflow.pipeline.batch`.
+Errors cross the network as :class:`TaskError`, which pickles by value and says how far a failure reaches:
 
 * ``run``: the models cannot be used on this worker (missing bundle, sha256 mismatch,
   no CUDA); nothing will succeed, the run stops;
@@ -18,7 +18,8 @@ from typing import Literal
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, ModelError, SlideError, WsiflowError
-from wsiflow.pipeline import ModelRefs, SlideRef, get_models, get_slide, process_batch
+from wsiflow.execution.worker import ModelRefs, SlideRef, get_models, get_slide
+from wsiflow.pipeline.batch import process_batch
 from wsiflow.tiling import Tile
 
 __all__ = ["Scope", "TaskError", "run_batch"]
@@ -42,17 +43,18 @@ class TaskError(Exception):
 
 
 def run_batch(slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs) -> CellTable:
-    """:func:`wsiflow.pipeline.process_batch` with its errors scoped for the runner."""
+    """:func:`wsiflow.pipeline.batch.process_batch` on the worker's cached slide and models,
+    with its errors scoped for the runner."""
     try:
-        get_models(models, pipeline)
+        loaded = get_models(models, pipeline)
     except (ModelError, ConfigError) as exc:
         raise TaskError("run", str(exc)) from None
     try:
-        get_slide(slide_ref)
+        slide = get_slide(slide_ref)
     except WsiflowError as exc:
         raise TaskError("slide", str(exc)) from None
     try:
-        return process_batch(slide_ref, tiles, pipeline, models)
+        return process_batch(slide, tiles, pipeline, loaded)
     except SlideError as exc:
         raise TaskError("tile", exc.reason) from None
     except WsiflowError as exc:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -148,6 +148,38 @@ class Slide:
         if raw:
             self.mpp_note = f"implausible µm/px {raw[0]:.4g} in the metadata ignored"
         return None, None
+
+    # --- identity ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The file name (last part of the path or URL)."""
+        base = self.path.rstrip("/").rsplit("/", 1)[-1]
+        return base or self.path
+
+    def identity(self) -> dict[str, Any]:
+        """What the cell store and ``summary.json`` record about this slide: absolute path
+        (a URL as given), name, file size, level-0 dimensions, µm/px and whether it was
+        overridden, vendor, objective power and the backend that opened this handle."""
+        url = _is_url(self.path)
+        size: int | None = None
+        if not url:
+            try:
+                size = Path(self.path).stat().st_size
+            except OSError:
+                size = None
+        w, h = (int(v) for v in self.dimensions)
+        return {
+            "path": self.path if url else str(Path(self.path).resolve()),
+            "name": self.name,
+            "size_bytes": size,
+            "dimensions": [w, h],
+            "mpp": None if self.mpp is None else float(self.mpp),
+            "mpp_override": self.mpp if self.mpp_source == "override" else None,
+            "vendor": self.vendor,
+            "objective_power": self.objective_power,
+            "backend": self.backend,
+        }
 
     # --- geometry ---------------------------------------------------------------------------
 

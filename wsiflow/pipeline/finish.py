@@ -1,0 +1,160 @@
+"""Finish one slide on the client, once its tiles are in the cell store (DESIGN §1, §5).
+
+:func:`finish_slide` is the one place a slide's results are assembled, in this order:
+
+1. the summary of the committed cells (:func:`summarize_store`: one small column read,
+   never the polygons);
+2. ``cells.geojson.gz`` (QuPath), streamed from the store in id order, and, opt-in,
+   ``cells.parquet`` (GeoParquet);
+3. ``summary.json`` (identity, models, tiles, the summary), written atomically;
+4. the store is marked complete last, so a killed run never looks finished.
+
+:func:`record_slide` then writes the slide's row of ``OUT/summary.csv`` and its HTML
+report (also for slides finished by an earlier run; a failed slide gets its error row
+only); :func:`record_run` writes ``OUT/report.html``. Every file is written to a
+temporary name and renamed (:mod:`wsiflow.atomic`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsiflow._version import __version__
+from wsiflow.aggregate import SlideSummary, summarize
+from wsiflow.config import Pipeline
+from wsiflow.errors import WsiflowError
+from wsiflow.pipeline.plan import SlidePlan
+from wsiflow.writers import geojson as geojson_writer
+from wsiflow.writers import summary as summary_writer
+from wsiflow.writers.geoparquet import write_geoparquet
+from wsiflow.writers.report import write_cohort_report, write_slide_report
+from wsiflow.writers.zarr_store import CellStore
+
+if TYPE_CHECKING:
+    from wsiflow.models.bundle import ModelBundle
+
+__all__ = [
+    "StoreSummary",
+    "finish_slide",
+    "model_meta",
+    "record_run",
+    "record_slide",
+    "summarize_store",
+]
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """The summary of a slide's committed cells and the tiles that failed (any run)."""
+
+    summary: SlideSummary
+    failed_tiles: frozenset[int]
+    n_cells: int
+
+
+def model_meta(bundles: Sequence[ModelBundle]) -> dict[str, dict[str, Any]]:
+    """Per task: the bundle's name, sha256 and demo flag (store attributes, summary.json)."""
+    return {
+        b.task: {"name": b.name, "sha256": b.sha256, "demo": bool(b.card.get("demo", False))}
+        for b in bundles
+    }
+
+
+def summarize_store(plan: SlidePlan, store: CellStore, pipeline: Pipeline) -> StoreSummary:
+    """Counts and calls of the committed cells of done tiles; failed area from ``tiles/failed``."""
+    if store.writable:
+        store.flush()
+    failed = np.flatnonzero(np.asarray(store.failed, bool))
+    failed_set = frozenset(int(i) for i in failed)
+    selected_area = sum(t.core.w * t.core.h for t in plan.tiles) or 1.0
+    failed_area = sum(t.core.w * t.core.h for t in plan.tiles if t.id in failed_set)
+    class_ids = store.read_column("class_id")  # one small column, not the polygons
+    summary = summarize(
+        class_ids,
+        pipeline,
+        failed_tiles=len(failed_set),
+        failed_area_fraction=failed_area / selected_area,
+        tiles_total=len(plan.tiles),
+    )
+    return StoreSummary(summary, failed_set, len(class_ids))
+
+
+def finish_slide(
+    plan: SlidePlan,
+    store: CellStore,
+    out_dir: Path,
+    pipeline: Pipeline,
+    models: Mapping[str, Any],
+    *,
+    geoparquet: bool = False,
+) -> StoreSummary:
+    """Summary, GeoJSON, (GeoParquet,) ``summary.json``, then mark the store complete."""
+    done = summarize_store(plan, store, pipeline)
+    if pipeline.outputs.geojson:
+        # streamed from the store in canonical id order, a chunk at a time (bounded memory)
+        geojson_writer.write_geojson(
+            out_dir / "cells.geojson.gz",
+            store.iter_sorted(),
+            pipeline.taxonomy,
+            slide_id=out_dir.name,
+        )
+    if geoparquet or pipeline.outputs.geoparquet:
+        cells = store.read_table().sorted()  # opt-in output: pyarrow writes one table
+        write_geoparquet(out_dir / "cells.parquet", cells, pipeline.taxonomy)
+        del cells
+    doc = {
+        "wsiflow_version": __version__,
+        "slide": plan.identity,
+        "pipeline": pipeline.name,
+        "models": dict(models),
+        "tissue_fraction": plan.tissue_fraction,
+        "tiles": {
+            "grid": len(plan.grid),
+            "selected": len(plan.tiles),
+            "failed": sorted(done.failed_tiles),
+        },
+        "summary": done.summary.to_dict(),
+    }
+    summary_writer.write_summary_json(out_dir / "summary.json", doc)
+    store.finalize({"summary_status": done.summary.status})
+    return done
+
+
+def record_slide(
+    out: Path,
+    row: Mapping[str, Any],
+    *,
+    out_dir: Path | None,
+    slide_path: str,
+    report: bool,
+    note: Callable[[str], None],
+) -> None:
+    """The slide's row of ``OUT/summary.csv`` (rows of other slides stay) and, when
+    ``out_dir`` holds results, its ``report.html``."""
+    summary_writer.update_summary_csv(out / "summary.csv", row, key="output")
+    if report and out_dir is not None:
+        _report(functools.partial(write_slide_report, out_dir, slide_path=slide_path), slide_path, note)
+
+
+def record_run(out: Path, note: Callable[[str], None]) -> None:
+    """``OUT/report.html``: one row per slide of ``OUT/summary.csv``."""
+    _report(functools.partial(write_cohort_report, out), str(out), note)
+
+
+def _report(write: Callable[[], object], what: str, note: Callable[[str], None]) -> None:
+    # A report that cannot be drawn costs a note, never the slide's results.
+    try:
+        write()
+    except (WsiflowError, OSError, ValueError) as exc:
+        note(f"{what}: HTML report not written ({_reason(exc)})")
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

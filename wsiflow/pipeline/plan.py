@@ -1,0 +1,63 @@
+"""Plan one slide on the client: what the workers will be asked to read (DESIGN §1, §3).
+
+:func:`plan_slide` opens the slide, requires a trustworthy µm/px (the file's, or the
+``--mpp`` override), builds the tile grid at ``seg_mpp`` (+ halo), drops background tiles
+with the tissue mask of a thumbnail (:func:`wsiflow.tissue.slide_tissue_mask`) and records
+the slide's identity (:meth:`wsiflow.slide.Slide.identity`). Nothing is read at full
+resolution here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsiflow.config import Pipeline
+from wsiflow.errors import MppError, SlideError
+from wsiflow.slide import open_slide
+from wsiflow.tiling import Tile, TileGrid
+from wsiflow.tissue import select_tiles, slide_tissue_mask
+
+__all__ = ["SlidePlan", "plan_slide", "slide_name"]
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    identity: dict[str, Any]  # Slide.identity(): path (absolute, or the URL), size, mpp, …
+    grid: TileGrid
+    tiles: list[Tile]  # selected (stained) tiles
+    tissue_fraction: float
+
+    @property
+    def path(self) -> str:
+        """What workers open: the absolute path, or the URL as given."""
+        return str(self.identity["path"])
+
+
+def slide_name(path: str) -> str:
+    """The last part of a path or URL (what tables and bars call the slide)."""
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    return base or path
+
+
+def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto") -> SlidePlan:
+    if "://" not in path:
+        p = Path(path)
+        if p.is_dir():
+            raise SlideError(path, "is a directory, not a slide file")
+    slide = open_slide(path, backend=backend, mpp=mpp)
+    try:
+        if slide.mpp is None:
+            note = f"{slide.mpp_note}; " if getattr(slide, "mpp_note", None) else ""
+            raise MppError(path, f"{note}no trustworthy µm/px in the file; pass --mpp X to set it")
+        w, h = (int(v) for v in slide.dimensions)
+        if w <= 0 or h <= 0:
+            raise SlideError(path, f"image has zero size ({w}×{h})")
+        grid = TileGrid.from_pipeline(w, h, float(slide.mpp), pipeline)
+        mask = slide_tissue_mask(slide, (w, h), float(slide.mpp), pipeline.tissue)
+        tiles, fraction = select_tiles(grid, mask, pipeline.tissue.min_tile_fraction)
+        identity = slide.identity()
+    finally:
+        slide.close()
+    return SlidePlan(identity, grid, tiles, fraction)
