@@ -103,3 +103,16 @@ def test_logging_is_configured_only_in_the_cli() -> None:
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+def test_architecture_doc_is_linked_and_names_every_module() -> None:
+    assert "docs/architecture.md" in (ROOT / "README.md").read_text()
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [
+        m
+        for m in sorted(_top_level_modules() - {"weights"})
+        if f"`{m}.py`" not in doc and f"`wsiflow/{m}/`" not in doc and f"`wsiflow/{m}.py`" not in doc
+    ]
+    assert not missing, f"docs/architecture.md does not place: {missing}"
+    for path in re.findall(r"`wsiflow/([a-z_]+)/`", doc):
+        assert (ROOT / "wsiflow" / path).is_dir(), path
