@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="Also write the JSON here")
     a = ap.parse_args(argv)
 
-    from wsiflow.cli.run import BarReporter
+    from wsiflow.cli._progress import BarReporter
     from wsiflow.config import load_pipeline
-    from wsiflow.execution.cluster import ClusterOptions, connect
-    from wsiflow.execution.runner import Runner, RunOptions
+    from wsiflow.execution.cluster import ClusterOptions
+    from wsiflow.execution.runner import RunOptions, run_slides
     from wsiflow.execution.worker import resolve_models
     from wsiflow.synth import SynthParams, synthesize
     from wsiflow.synth import compare as cmp
@@ -112,15 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(a.pipeline)
     refs, bundles = resolve_models(pipe, "auto")
     t1 = time.perf_counter()
-    with connect(ClusterOptions(quiet=True)) as session:
-        results = Runner(
-            session.client,
-            pipe,
-            refs,
-            bundles,
-            RunOptions(out=a.work / "run", overwrite=True),
-            BarReporter(enabled=False),
-        ).run(paths)
+    results = run_slides(
+        paths,
+        pipe,
+        RunOptions(out=a.work / "run", overwrite=True),
+        ClusterOptions(quiet=True),
+        BarReporter(enabled=False),
+        models=(refs, bundles),
+    )
     t_run = time.perf_counter() - t1
 
     slides: list[dict[str, Any]] = []

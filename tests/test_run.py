@@ -148,3 +148,25 @@ def test_external_scheduler_gives_identical_cells(setup, embedded, tmp_path: Pat
     b = orjson.loads((out_e / "smear" / "summary.json").read_bytes())["summary"]
     assert a == b
 
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--batch-tiles", "0"], "--batch-tiles"),
+        (["--max-in-flight", "0"], "--max-in-flight"),
+        (["--workers", "0"], "--workers"),
+        (["--device", "gpu"], "--device"),
+        (["--checkpoint-seconds", "-1"], "--checkpoint-seconds"),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_before_anything_runs(
+    tmp_path: Path, args: list[str], key: str
+) -> None:
+    out = tmp_path / "out"
+    proc = wsiflow("run", tmp_path / "missing.svs", "-o", out, *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsiflow: error: {key}:")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # validated before the output folder is made

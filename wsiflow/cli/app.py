@@ -1,49 +1,24 @@
 """The ``wsiflow`` console script.
 
-Each sub-command lives in its own module and registers itself on :data:`app`; heavy
-imports (torch, dask) happen inside the command functions, so ``wsiflow info`` stays fast.
-A :class:`~wsiflow.errors.WsiflowError` becomes one line on stderr (exit 2 for usage and
-config errors, 1 otherwise); ``--debug`` shows the traceback instead.
+Each sub-command lives in its own module and registers itself on :data:`app`
+(:mod:`wsiflow.cli._app`); heavy imports (torch, dask) happen inside the command
+functions, so ``wsiflow info`` stays fast. This is the one place where an error becomes
+an exit code: a :class:`~wsiflow.errors.WsiflowError` is one line on stderr (exit 2 for
+usage and config errors, 1 otherwise), any other exception one "internal error" line
+(exit 1); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import typer
 
-from wsiflow._version import __version__
-from wsiflow.cli._logging import configure as configure_logging
+from wsiflow.cli._app import app
 from wsiflow.errors import ConfigError, WsiflowError
 
-app = typer.Typer(
-    name="wsiflow",
-    help="Bone-marrow aspirate slides → cell-level evidence for MDS. Research use only.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-_state = {"debug": False}
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"wsiflow {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
-) -> None:
-    _state["debug"] = debug
-    configure_logging(debug)
-
-
-def debug_enabled() -> bool:
-    return bool(_state["debug"])
+__all__ = ["app", "main"]
 
 
 def _register() -> None:
@@ -61,15 +36,32 @@ def _register() -> None:
     )
 
 
+def _debug_requested(argv: Sequence[str]) -> bool:
+    """``--debug`` among the root options (before the command name)."""
+    for arg in argv:
+        if arg == "--debug":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
+
+
 def main() -> None:
     _register()
+    debug = _debug_requested(sys.argv[1:])
     try:
         app()
     except WsiflowError as exc:
-        if debug_enabled():
+        if debug:
             raise
-        typer.echo(f"wsiflow: error: {exc}", err=True)
+        typer.echo(f"wsiflow: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     except KeyboardInterrupt:
         typer.echo("wsiflow: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        reason = " ".join(str(exc).split())
+        typer.echo(f"wsiflow: error: internal error: {type(exc).__name__}: {reason}", err=True)
+        sys.exit(1)

@@ -15,8 +15,9 @@ from typing import Any
 
 import typer
 
+from wsiflow.cli._app import app, debug_enabled
 from wsiflow.cli._logging import quiet_dask
-from wsiflow.cli.app import app, debug_enabled
+from wsiflow.cli._progress import BarReporter
 
 DEMO_SIZE = "4000x4000"
 DEMO_SEED = 3
@@ -68,11 +69,10 @@ def demo(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
 ) -> None:
     """Generate a smear with known truth, run the whole pipeline on it, and compare with the truth."""
-    from wsiflow.cli.run import BarReporter
     from wsiflow.cli.synth import parse_size
     from wsiflow.config import load_pipeline
-    from wsiflow.execution.cluster import ClusterOptions, connect
-    from wsiflow.execution.runner import Runner, RunOptions
+    from wsiflow.execution.cluster import ClusterOptions, ClusterSession
+    from wsiflow.execution.runner import RunOptions, run_slides
     from wsiflow.execution.worker import resolve_models
     from wsiflow.synth import SynthParams, synthesize
     from wsiflow.synth import compare as cmp
@@ -100,9 +100,14 @@ def demo(
     cluster = ClusterOptions(
         n_workers=workers, threads_per_worker=threads_per_worker, quiet=not debug_enabled()
     )
-    with quiet_dask(debug_enabled()), connect(cluster) as session:
+
+    def announce(session: ClusterSession) -> None:
         typer.echo(f"wsiflow: {session.description}", err=True)
-        results = Runner(session.client, pipe, refs, bundles, options, reporter).run([str(slide)])
+
+    with quiet_dask(debug_enabled()):
+        results = run_slides(
+            [str(slide)], pipe, options, cluster, reporter, models=(refs, bundles), on_connect=announce
+        )
     res = results[0]
     if not res.ok or res.summary is None or res.out_dir is None:
         typer.echo(f"wsiflow demo: the run failed: {res.error}", err=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from wsiflow.cli.app import app
+from wsiflow.cli._app import app
 
 
 @app.command()

@@ -7,8 +7,8 @@ from typing import Any
 
 import typer
 
+from wsiflow.cli._app import app, debug_enabled
 from wsiflow.cli._logging import quiet_readers
-from wsiflow.cli.app import app, debug_enabled
 
 _COLUMNS = ("slide", "format", "size", "levels", "mpp", "vendor", "objective", "readable", "backend")
 

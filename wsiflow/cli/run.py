@@ -6,71 +6,20 @@ and an "error" row in summary.csv); 2 usage or configuration errors (nothing was
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
+from wsiflow.cli._app import app, debug_enabled
 from wsiflow.cli._logging import quiet_dask, quiet_readers
-from wsiflow.cli.app import app, debug_enabled
-from wsiflow.errors import ConfigError, OutputError, WsiflowError
+from wsiflow.cli._progress import BarReporter
+from wsiflow.errors import ConfigError, OutputError
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
 
     from wsiflow.config import Pipeline
     from wsiflow.execution.runner import SlideResult
-
-
-class BarReporter:
-    """A tqdm bar per slide on stderr: tiles done / total, cells found, cells/s."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._bar: tqdm[Any] | None = None
-        self._cells = 0
-        self._t0 = 0.0
-
-    def slide_started(self, name: str, total_tiles: int, done_tiles: int) -> None:
-        from tqdm import tqdm
-
-        self._close()
-        self._cells = 0
-        self._t0 = time.perf_counter()
-        self._bar = tqdm(
-            total=total_tiles,
-            initial=done_tiles,
-            desc=name[:40],
-            unit="tile",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=not self.enabled,
-            leave=True,
-        )
-        self._bar.set_postfix_str("cells=0")
-
-    def tiles_done(self, n_tiles: int, n_cells: int) -> None:
-        if self._bar is None:
-            return
-        self._cells += n_cells
-        rate = self._cells / max(1e-6, time.perf_counter() - self._t0)
-        self._bar.set_postfix_str(f"cells={self._cells} {rate:.1f} cells/s", refresh=False)
-        self._bar.update(n_tiles)
-
-    def slide_finished(self, result: SlideResult) -> None:
-        self._close()
-
-    def note(self, message: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(f"wsiflow: {message}", file=sys.stderr)
-
-    def _close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 def _pct(v: Any) -> str:
@@ -157,103 +106,14 @@ def run(
     ),
 ) -> None:
     """Segment and classify cells on whole slides; write Zarr, QuPath GeoJSON and summaries."""
-    try:
-        code = _run(
-            slides,
-            out,
-            pipeline,
-            scheduler,
-            workers,
-            threads_per_worker,
-            device,
-            mpp,
-            resume,
-            overwrite,
-            batch_tiles,
-            max_in_flight,
-            geoparquet,
-            checkpoint_seconds,
-            tls_ca_file,
-            tls_cert,
-            tls_key,
-            progress,
-            report,
-        )
-    except WsiflowError as exc:
-        if debug_enabled():
-            raise
-        typer.echo(f"wsiflow: error: {' '.join(str(exc).split())}", err=True)
-        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        reason = " ".join(str(exc).split())
-        typer.echo(f"wsiflow: error: internal error: {type(exc).__name__}: {reason}", err=True)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code)
-
-
-def _usage(message: str) -> ConfigError:
-    return ConfigError("", "", message)
-
-
-def _run(
-    slides: list[str],
-    out: Path,
-    pipeline_ref: str,
-    scheduler: str | None,
-    workers: int | None,
-    threads_per_worker: int | None,
-    device: str,
-    mpp: float | None,
-    resume: bool,
-    overwrite: bool,
-    batch_tiles: int | None,
-    max_in_flight: int | None,
-    geoparquet: bool,
-    checkpoint_seconds: float,
-    tls_ca_file: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    progress: bool,
-    report: bool = True,
-) -> int:
     from wsiflow.config import load_pipeline
-
-    quiet_readers(debug_enabled())  # libraries log what the runner reports in one line per slide
-    if resume and overwrite:
-        raise _usage("--resume and --overwrite exclude each other")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("", "--device", f"must be auto, cpu or cuda, not {device!r}")
-    if mpp is not None and not (0 < mpp <= 10):
-        raise ConfigError("", "--mpp", f"must be within (0, 10] µm/px, got {mpp}")
-    for key, value in (
-        ("--batch-tiles", batch_tiles),
-        ("--workers", workers),
-        ("--threads-per-worker", threads_per_worker),
-        ("--max-in-flight", max_in_flight),
-    ):
-        if value is not None and value < 1:
-            raise ConfigError("", key, "must be at least 1")
-    if checkpoint_seconds < 0:
-        raise ConfigError("", "--checkpoint-seconds", "must be at least 0")
-    pipe = load_pipeline(pipeline_ref)
-    if geoparquet or pipe.outputs.geoparquet:
-        from wsiflow.writers.geoparquet import geoparquet_available
-
-        why = geoparquet_available()
-        if why:
-            raise ConfigError("", "--geoparquet", f"GeoParquet output {why} (pip install pyarrow)")
-
-    from wsiflow.execution.cluster import ClusterOptions, connect
-    from wsiflow.execution.runner import Runner, RunOptions, check_outputs, expand_inputs, prepare_output
+    from wsiflow.execution.cluster import ClusterOptions, ClusterSession
+    from wsiflow.execution.runner import RunOptions, check_outputs, expand_inputs, prepare_output, run_slides
     from wsiflow.execution.worker import resolve_models
 
-    inputs, notes = expand_inputs(slides)
-    reporter = BarReporter(enabled=progress)
-    for n in notes:
-        reporter.note(n)
-    options = RunOptions(
+    debug = debug_enabled()
+    quiet_readers(debug)  # libraries log what the runner reports in one line per slide
+    options = RunOptions(  # validates the run options (a bad value: usage error, exit 2)
         out=out,
         resume=resume,
         overwrite=overwrite,
@@ -264,17 +124,6 @@ def _run(
         flush_seconds=checkpoint_seconds,
         report=report,
     )
-    try:
-        dirs = check_outputs(options, inputs)
-    except OutputError as exc:
-        raise _usage(str(exc)) from None
-    prepare_output(out)  # before starting a cluster: an unwritable OUT fails in a second
-    refs, bundles = resolve_models(pipe, device)
-    for b in bundles:
-        if b.card.get("demo"):
-            reporter.note(
-                f"warning: {b.task} bundle {b.name!r} is a demo model; its results are not for interpretation"
-            )
     cluster_options = ClusterOptions(
         scheduler=scheduler,
         n_workers=workers,
@@ -283,14 +132,48 @@ def _run(
         tls_ca_file=str(tls_ca_file) if tls_ca_file else None,
         tls_cert=str(tls_cert) if tls_cert else None,
         tls_key=str(tls_key) if tls_key else None,
-        quiet=not debug_enabled(),
+        quiet=not debug,
     )
-    with quiet_dask(debug_enabled()), connect(cluster_options) as session:
-        runner = Runner(session.client, pipe, refs, bundles, options, reporter)
+    pipe = load_pipeline(pipeline)
+    if geoparquet or pipe.outputs.geoparquet:
+        from wsiflow.writers.geoparquet import geoparquet_available
+
+        why = geoparquet_available()
+        if why:
+            raise ConfigError("", "--geoparquet", f"GeoParquet output {why} (pip install pyarrow)")
+
+    inputs, notes = expand_inputs(slides)
+    reporter = BarReporter(enabled=progress)
+    for n in notes:
+        reporter.note(n)
+    try:
+        dirs = check_outputs(options, inputs)
+    except OutputError as exc:
+        raise ConfigError("", "", str(exc)) from None  # existing outputs: a usage error
+    prepare_output(out)  # before starting a cluster: an unwritable OUT fails in a second
+    refs, bundles = resolve_models(pipe, device)
+    for b in bundles:
+        if b.card.get("demo"):
+            reporter.note(
+                f"warning: {b.task} bundle {b.name!r} is a demo model; its results are not for interpretation"
+            )
+
+    def announce(session: ClusterSession) -> None:
         typer.echo(f"wsiflow: {session.description}", err=True)
         link = session.dashboard_link or "not available (the dashboard needs the 'bokeh' package)"
         typer.echo(f"wsiflow: dashboard: {link}", err=True)
-        results = runner.run(inputs, dirs)
+
+    with quiet_dask(debug):
+        results = run_slides(
+            inputs,
+            pipe,
+            options,
+            cluster_options,
+            reporter,
+            models=(refs, bundles),
+            dirs=dirs,
+            on_connect=announce,
+        )
     typer.echo(format_table(results, pipe))
     typer.echo(f"outputs: {out}")
-    return 0 if all(r.ok for r in results) else 1
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)

@@ -7,39 +7,11 @@ from typing import Any
 
 import typer
 
-from wsiflow.cli.app import app
+from wsiflow.cli._app import app
+from wsiflow.cli._progress import EpochBar
 
 train_app = typer.Typer(help="Train a classifier or segmenter bundle.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-
-
-class _EpochBar:
-    """One tqdm bar per epoch of batches, showing the loss and the last validation metric."""
-
-    def __init__(self, metric: str) -> None:
-        self.metric = metric
-        self.last: str = "-"
-        self.epoch: int | None = None
-        self.bar: Any = None
-
-    def batch(self, info: dict[str, Any]) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None or self.epoch != info["epoch"]:
-            self.close()
-            self.bar = tqdm(total=info["batches"], desc=f"epoch {info['epoch']}", unit="batch", leave=False)
-            self.epoch = info["epoch"]
-        self.bar.update(1)
-        self.bar.set_postfix({"loss": f"{info['loss']:.4f}", self.metric: self.last})
-
-    def epoch_done(self, value: float) -> None:
-        self.close()
-        self.last = f"{value:.4f}"
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _announce(event: str, info: dict[str, Any]) -> bool:
@@ -131,7 +103,7 @@ def classifier(
 
     from wsiflow.train.classifier import TrainClassifierConfig, train_classifier
 
-    bar = _EpochBar("val_acc")
+    bar = EpochBar("val_acc")
 
     def progress(event: str, info: dict[str, Any]) -> None:
         if _announce(event, info):
@@ -241,7 +213,7 @@ def segmenter(
         if not prefix or not n.isdigit():
             raise ConfigError("train segmenter", "--repeat", f"expected PREFIX=N, got {item!r}")
         reps[prefix] = int(n)
-    bar = _EpochBar("val_dice")
+    bar = EpochBar("val_dice")
 
     def progress(event: str, info: dict[str, Any]) -> None:
         if _announce(event, info):

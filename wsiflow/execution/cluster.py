@@ -56,6 +56,13 @@ class ClusterOptions:
     quiet: bool = True
     connect_timeout_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("", "--device", f"must be auto, cpu or cuda, not {self.device!r}")
+        for key, value in (("--workers", self.n_workers), ("--threads-per-worker", self.threads_per_worker)):
+            if value is not None and value < 1:
+                raise ConfigError("", key, "must be at least 1")
+
 
 @dataclass(frozen=True)
 class ClusterSession:

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,9 +47,10 @@ from distributed import Client, Future, KilledWorker, as_completed
 
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
-from wsiflow.errors import OutputError, SlideError, WsiflowError
+from wsiflow.errors import ConfigError, OutputError, SlideError, WsiflowError
+from wsiflow.execution.cluster import ClusterOptions, ClusterSession, connect
 from wsiflow.execution.tasks import TaskError, run_batch
-from wsiflow.execution.worker import ModelRefs, SlideRef
+from wsiflow.execution.worker import ModelRefs, SlideRef, resolve_models
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.pipeline.finish import (
     StoreSummary,
@@ -74,6 +75,7 @@ __all__ = [
     "expand_inputs",
     "prepare_output",
     "prepare_run",
+    "run_slides",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,9 @@ class RunAborted(WsiflowError):
 
 @dataclass(frozen=True)
 class RunOptions:
+    """What a run does with its slides; validated here, once (a bad value is a usage
+    error naming the CLI option, exit 2)."""
+
     out: Path
     resume: bool = False
     overwrite: bool = False
@@ -100,6 +105,17 @@ class RunOptions:
     geoparquet: bool = False
     flush_seconds: float = 10.0  # the store makes finished tiles durable at least this often
     report: bool = True  # OUT/<slide>/report.html and OUT/report.html
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("", "", "--resume and --overwrite exclude each other")
+        if self.mpp is not None and not (0 < self.mpp <= 10):
+            raise ConfigError("", "--mpp", f"must be within (0, 10] µm/px, got {self.mpp}")
+        for key, value in (("--batch-tiles", self.batch_tiles), ("--max-in-flight", self.max_in_flight)):
+            if value is not None and value < 1:
+                raise ConfigError("", key, "must be at least 1")
+        if self.flush_seconds < 0:
+            raise ConfigError("", "--checkpoint-seconds", "must be at least 0")
 
 
 @dataclass
@@ -218,6 +234,32 @@ def prepare_run(options: RunOptions, inputs: Sequence[str]) -> dict[str, Path]:
     return check_outputs(options, inputs)
 
 
+def run_slides(
+    inputs: Sequence[str],
+    pipeline: Pipeline,
+    options: RunOptions,
+    cluster: ClusterOptions,
+    reporter: Reporter | None = None,
+    *,
+    models: tuple[ModelRefs, Sequence[ModelBundle]] | None = None,
+    dirs: dict[str, Path] | None = None,
+    on_connect: Callable[[ClusterSession], None] | None = None,
+) -> list[SlideResult]:
+    """The one entry point of a run (``wsiflow run``, ``wsiflow demo``, the benchmarks).
+
+    ``models`` (refs and verified bundles) and ``dirs`` (from :func:`prepare_run`) are made
+    here unless the caller made them first (the CLI does, to fail before a cluster
+    starts); ``on_connect`` sees the cluster session before the first slide.
+    """
+    if dirs is None:
+        dirs = prepare_run(options, inputs)
+    refs, bundles = models if models is not None else resolve_models(pipeline, cluster.device)
+    with connect(cluster) as session:
+        if on_connect is not None:
+            on_connect(session)
+        return Runner(session.client, pipeline, refs, bundles, options, reporter).run(inputs, dirs)
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -256,8 +298,6 @@ class Runner:
         self.reporter: Reporter = reporter or NullReporter()
         self.batch_tiles = options.batch_tiles or pipeline.tiling.batch_tiles
         self.peak_in_flight = 0  # the most tasks outstanding at once (the bound is checked in tests)
-        if self.batch_tiles < 1:
-            raise OutputError("batch_tiles must be at least 1")
 
     # ------------------------------------------------------------------ public
 
