@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         c = cmp.compare(cmp.load_truth(res.path), cmp.load_detections(res.out_dir))
         truth = truths[stem]
-        lin = _lineage_checks(res.summary, truth)
-        b = res.summary.get("blast") or {}
+        summary = res.summary.to_dict()
+        lin = _lineage_checks(summary, truth)
+        b = summary.get("blast") or {}
         tb = float(truth["blasts"]["fraction"])
         blast: dict[str, Any] = {
             "measured": b.get("fraction"),

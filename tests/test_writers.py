@@ -29,6 +29,7 @@ from wsiflow.errors import OutputError
 from wsiflow.writers import zarr_store
 from wsiflow.writers.geojson import COORD_DECIMALS, cell_uuids, measurement_names, write_geojson
 from wsiflow.writers.paths import safe_name, slide_output_dir
+from wsiflow.writers.record import SlideRecord, SummaryRow, TileCounts
 from wsiflow.writers.summary import (
     SUMMARY_BASE_COLUMNS,
     read_summary_csv,
@@ -578,3 +579,64 @@ def test_store_read_columns_and_polygons_agree_with_read_table(tmp_path: Path) -
     assert store.polygons(np.zeros(0, np.int64)) == []
     with pytest.raises(ValueError):
         store.read_columns(("poly_xy",))
+
+
+# ---------------------------------------------------------------------- SlideRecord
+
+
+def _record(tmp_path: Path, n_cells: int = 900, seed: int = 3) -> SlideRecord:
+    from wsiflow.aggregate import summarize
+
+    pipe = load_pipeline("mds")
+    ids = np.random.default_rng(seed).integers(-1, len(pipe.taxonomy), n_cells)
+    summary = summarize(ids, pipe, failed_tiles=1, failed_area_fraction=0.125, tiles_total=8)
+    ident = {"path": str(tmp_path / "a.svs"), "name": "a.svs", "size_bytes": 10, "dimensions": [4000, 3000],
+             "mpp": 0.25, "mpp_override": None, "vendor": "aperio", "objective_power": 40.0,
+             "backend": "tiffslide"}  # fmt: skip
+    return SlideRecord(
+        name="a.svs",
+        path=ident["path"],
+        output=str(tmp_path / "out" / "a"),
+        status=summary.status,
+        error=summary.error,
+        identity=ident,
+        pipeline=pipe.name,
+        models={"segmenter": {"name": "s", "sha256": "0" * 64, "demo": True}},
+        tissue_fraction=0.5,
+        tiles=TileCounts(12, 8, (3,)),
+        summary=summary,
+        wsiflow_version="0.1.0",
+    )
+
+
+def test_slide_record_round_trips_through_summary_json(tmp_path: Path) -> None:
+    rec = _record(tmp_path)
+    write_summary_json(tmp_path / "summary.json", rec.to_json())
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    keys = ["wsiflow_version", "slide", "pipeline", "models", "tissue_fraction", "tiles", "summary"]
+    assert list(doc) == keys and rec.summary is not None and doc["summary"] == rec.summary.to_dict()
+    assert doc["tiles"] == {"grid": 12, "selected": 8, "failed": [3]}
+    assert SlideRecord.from_json(doc, output=rec.output) == rec
+
+
+def test_slide_record_round_trips_through_summary_csv(tmp_path: Path) -> None:
+    rec = _record(tmp_path)
+    bad = SlideRecord(name="b.svs", path="/x/b.svs", output="", status="error", error="b.svs: corrupt")
+    update_summary_csv(tmp_path / "summary.csv", rec.to_row())
+    update_summary_csv(tmp_path / "summary.csv", bad.to_row())
+    cols, raw = read_summary_csv(tmp_path / "summary.csv")
+    got, err = (SummaryRow.from_csv(r, cols) for r in raw)
+    s = rec.summary
+    assert s is not None and (got.slide, got.path, got.output) == (rec.name, rec.path, rec.output)
+    assert (got.status, got.n_cells, got.megakaryocytes) == (s.status, s.n_cells, s.megakaryocytes)
+    assert got.failed_tiles == 1
+    assert got.adequate_cells is s.adequate_cells and got.pipeline == "mds"
+    assert set(got.lineages) == {lin.lineage for lin in s.lineages}
+    for lin in s.lineages:
+        c = got.lineages[lin.lineage]
+        assert c.flag == lin.flag and c.value == pytest.approx(100 * lin.fraction, abs=1e-4)
+    assert s.blast is not None and got.blast_pct == pytest.approx(100 * s.blast.fraction, abs=1e-4)
+    assert got.blast_band == s.blast.band
+    assert got.class_counts == {c.code: c.count for c in s.classes}
+    assert (err.status, err.error, err.n_cells) == ("error", bad.error, None)
+    assert err.lineages["erythroid"].value is None

@@ -118,7 +118,7 @@ def demo(
         f"wsiflow demo — generated bone-marrow smear, {res.n_cells} cells classified "
         f"(demo models: not for real slides)"
     )
-    typer.echo(format_demo(res.summary, truth, comparison))
+    typer.echo(format_demo(res.summary.to_dict(), truth, comparison))
     typer.echo("")
     typer.echo(
         f"QuPath overlay: {res.out_dir / 'cells.geojson.gz'}  (open {slide} in QuPath, then drag it in;"

@@ -44,19 +44,19 @@ def format_table(results: list[SlideResult], pipeline: Pipeline) -> str:
         head = ["slide", "cells", *[f"{lin} dysplastic" for lin in lineages], "blast %", "status"]
     rows: list[list[str]] = []
     for r in results:
-        s = r.summary or {}
+        s = r.summary
         cells: list[str] = [r.name, str(r.n_cells) if r.ok else "-"]
         if pipeline.mode == "differential":
-            by_code = {c["code"]: c for c in s.get("classes", [])}
-            cells += [_pct(by_code[c]["fraction"]) if c in by_code else "-" for c in extra]
+            by_code = {c.code: c for c in s.classes} if s is not None else {}
+            cells += [_pct(by_code[c].fraction) if c in by_code else "-" for c in extra]
         else:
-            by_lin = {lin["lineage"]: lin for lin in s.get("lineages", [])}
+            by_lin = {lin.lineage: lin for lin in s.lineages} if s is not None else {}
             for lin in lineages:
                 d = by_lin.get(lin)
-                cells.append(f"{_pct(d['fraction'])} ({d['flag']})" if d else "-")
-            blast = s.get("blast") or {}
-            band = f" ({blast['band']})" if blast.get("band") else ""
-            cells.append(_pct(blast.get("fraction")) + band if blast else "-")
+                cells.append(f"{_pct(d.fraction)} ({d.flag})" if d else "-")
+            blast = s.blast if s is not None else None
+            band = f" ({blast.band})" if blast is not None and blast.band else ""
+            cells.append(_pct(blast.fraction) + band if blast is not None else "-")
         status = r.status
         if r.failed_tiles and r.ok:
             status += f", {len(r.failed_tiles)} tile(s) failed"

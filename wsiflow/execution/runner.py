@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 from distributed import Client, Future, KilledWorker, as_completed
 
+from wsiflow.aggregate import SlideSummary
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, OutputError, SlideError, WsiflowError
@@ -63,6 +64,7 @@ from wsiflow.pipeline.finish import (
 from wsiflow.pipeline.plan import SlidePlan, plan_slide, slide_name
 from wsiflow.tiling import Tile
 from wsiflow.writers.paths import slide_output_dir
+from wsiflow.writers.record import SlideRecord
 from wsiflow.writers.zarr_store import CellStore
 
 __all__ = [
@@ -132,13 +134,23 @@ class SlideResult:
     tiles_skipped: int = 0  # already done (resume)
     tiles_computed: list[int] = field(default_factory=list)
     failed_tiles: dict[int, str] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None
-    row: dict[str, Any] | None = None  # flat summary.csv columns (SlideSummary.to_row)
+    summary: SlideSummary | None = None
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.status != STATUS_ERROR
+
+    def record(self) -> SlideRecord:
+        """What ``summary.csv`` records about this slide (its row: ``record().to_row()``)."""
+        return SlideRecord(
+            name=self.name,
+            path=self.path,
+            output=str(self.out_dir or ""),
+            status=self.status,
+            error=self.error,
+            summary=self.summary,
+        )
 
 
 class Reporter(Protocol):
@@ -312,7 +324,7 @@ class Runner:
             # one row per slide; rows of slides from earlier runs into the same OUT stay
             record_slide(
                 self.options.out,
-                _csv_row(result),
+                result.record(),
                 out_dir=result.out_dir if result.status != STATUS_ERROR else None,
                 slide_path=path,
                 report=self.options.report,
@@ -351,7 +363,7 @@ class Runner:
     def _slide_failed(self, result: SlideResult, message: str) -> None:
         result.status = STATUS_ERROR
         result.error = message
-        result.summary = result.row = None
+        result.summary = None
         self.reporter.note(message)
 
     def _store_attrs(self, plan: SlidePlan) -> dict[str, Any]:
@@ -510,20 +522,10 @@ class Runner:
     @staticmethod
     def _summarized(done: StoreSummary, result: SlideResult) -> None:
         result.n_cells = done.n_cells
-        result.summary = done.summary.to_dict()
-        result.row = done.summary.to_row()
+        result.summary = done.summary
         result.status = done.summary.status
         for tid in done.failed_tiles:
             result.failed_tiles.setdefault(tid, "failed in an earlier run")
-
-
-def _csv_row(r: SlideResult) -> dict[str, Any]:
-    row: dict[str, Any] = {"slide": r.name, "path": r.path, "output": str(r.out_dir or "")}
-    if r.row is not None:
-        row.update(r.row)
-    row.setdefault("status", r.status)
-    row.setdefault("error", r.error or "")
-    return row
 
 
 def _exception_of(fut: Future) -> BaseException | None:

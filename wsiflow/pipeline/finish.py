@@ -33,6 +33,7 @@ from wsiflow.pipeline.plan import SlidePlan
 from wsiflow.writers import geojson as geojson_writer
 from wsiflow.writers import summary as summary_writer
 from wsiflow.writers.geoparquet import write_geoparquet
+from wsiflow.writers.record import SlideRecord, TileCounts
 from wsiflow.writers.report import write_cohort_report, write_slide_report
 from wsiflow.writers.zarr_store import CellStore
 
@@ -108,27 +109,28 @@ def finish_slide(
         cells = store.read_table().sorted()  # opt-in output: pyarrow writes one table
         write_geoparquet(out_dir / "cells.parquet", cells, pipeline.taxonomy)
         del cells
-    doc = {
-        "wsiflow_version": __version__,
-        "slide": plan.identity,
-        "pipeline": pipeline.name,
-        "models": dict(models),
-        "tissue_fraction": plan.tissue_fraction,
-        "tiles": {
-            "grid": len(plan.grid),
-            "selected": len(plan.tiles),
-            "failed": sorted(done.failed_tiles),
-        },
-        "summary": done.summary.to_dict(),
-    }
-    summary_writer.write_summary_json(out_dir / "summary.json", doc)
+    record = SlideRecord(
+        name=str(plan.identity.get("name") or ""),
+        path=plan.path,
+        output=str(out_dir),
+        status=done.summary.status,
+        error=done.summary.error,
+        identity=plan.identity,
+        pipeline=pipeline.name,
+        models=models,
+        tissue_fraction=plan.tissue_fraction,
+        tiles=TileCounts(len(plan.grid), len(plan.tiles), tuple(sorted(done.failed_tiles))),
+        summary=done.summary,
+        wsiflow_version=__version__,
+    )
+    summary_writer.write_summary_json(out_dir / "summary.json", record.to_json())
     store.finalize({"summary_status": done.summary.status})
     return done
 
 
 def record_slide(
     out: Path,
-    row: Mapping[str, Any],
+    record: SlideRecord,
     *,
     out_dir: Path | None,
     slide_path: str,
@@ -137,7 +139,7 @@ def record_slide(
 ) -> None:
     """The slide's row of ``OUT/summary.csv`` (rows of other slides stay) and, when
     ``out_dir`` holds results, its ``report.html``."""
-    summary_writer.update_summary_csv(out / "summary.csv", row, key="output")
+    summary_writer.update_summary_csv(out / "summary.csv", record.to_row(), key="output")
     if report and out_dir is not None:
         _report(functools.partial(write_slide_report, out_dir, slide_path=slide_path), slide_path, note)
 

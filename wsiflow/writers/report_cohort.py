@@ -6,17 +6,15 @@ Rows come from ``OUT/summary.csv`` (or, without it, from each slide folder's
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from wsiflow._version import __version__
 from wsiflow.atomic import atomic_write_bytes
 from wsiflow.errors import OutputError
+from wsiflow.writers.record import SlideRecord, SummaryRow
 from wsiflow.writers.report_html import CELLS_NAME, REPORT_NAME, SUMMARY_NAME, now, read_json, render
-from wsiflow.writers.summary import read_summary_csv
+from wsiflow.writers.summary import csv_cell, read_summary_csv
 from wsiflow.writers.zarr_store import FORMAT
 
 __all__ = ["find_slide_dirs", "write_cohort_report"]
@@ -39,84 +37,58 @@ def _is_store(path: Path) -> bool:
         return False
 
 
-def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def write_cohort_report(out_dir: str | os.PathLike[str]) -> Path:
     """Write ``out_dir/report.html`` from ``summary.csv`` (or the slide folders); returns its path."""
     root = Path(out_dir)
     if not root.is_dir():
         raise OutputError(f"{root}: no such output folder")
-    cols, rows = read_summary_csv(root / "summary.csv")
-    if not rows:  # no CSV: one row per slide folder, from its summary.json
+    cols, raw = read_summary_csv(root / "summary.csv")
+    if not raw:  # no CSV: one row per slide folder, from its summary.json (the same columns)
         for d in find_slide_dirs(root):
             if (d / SUMMARY_NAME).is_file():
-                doc = read_json(d / SUMMARY_NAME)
-                s = doc.get("summary") or {}
-                row = {
-                    "slide": (doc.get("slide") or {}).get("name", d.name),
-                    "path": (doc.get("slide") or {}).get("path", ""),
-                    "output": str(d),
-                    "status": s.get("status", ""),
-                    "error": s.get("error") or "",
-                }
-                row |= _flat_from_summary(s)
-                rows.append({k: "" if v is None else str(v) for k, v in row.items()})
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-    if not rows:
+                record = SlideRecord.from_json(read_json(d / SUMMARY_NAME), output=str(d))
+                row = record.to_row()
+                row["slide"] = row["slide"] or d.name
+                raw.append({k: csv_cell(v) for k, v in row.items()})
+        cols = list(dict.fromkeys(k for r in raw for k in r))
+    if not raw:
         raise OutputError(f"{root}: no summary.csv and no slide results here")
+    rows = [SummaryRow.from_csv(r, cols) for r in raw]
 
-    lineages = [c[: -len("_dysplastic_pct")] for c in cols if c.endswith("_dysplastic_pct")]
-    class_cols = [
-        c for c in cols if c.startswith("n_") and c not in ("n_cells", "n_nucleated", "n_unclassified")
-    ]
+    lineages = SummaryRow.lineage_names(cols)
+    class_codes = SummaryRow.class_codes(cols)
     has_blast = "blast_pct" in cols
     table = []
     errors = []
     for r in rows:
-        status = r.get("status", "")
-        out = r.get("output", "")
-        name = Path(out).name if out else ""
+        name = Path(r.output).name if r.output else ""
         link = f"{name}/{REPORT_NAME}" if name and (root / name / REPORT_NAME).is_file() else None
         flags = []
-        if status == "error":
-            errors.append(
-                {
-                    "slide": r.get("slide") or r.get("path"),
-                    "path": r.get("path", ""),
-                    "error": r.get("error", ""),
-                }
-            )
-        if r.get("adequate_cells") == "false":
+        if r.status == "error":
+            errors.append({"slide": r.slide or r.path, "path": r.path, "error": r.error})
+        if r.adequate_cells is False:
             flags.append(("warn", "too few cells"))
-        if r.get("adequate_megakaryocytes") == "false" and lineages:
+        if r.adequate_megakaryocytes is False and lineages:
             flags.append(("warn", "too few megakaryocytes"))
-        failed = _float(r.get("failed_tiles"))
-        if failed:
-            flags.append(("warn", f"{int(failed)} tile(s) failed"))
-        lin_cells = []
-        for lin in lineages:
-            v = _float(r.get(f"{lin}_dysplastic_pct"))
-            lo, hi = _float(r.get(f"{lin}_ci_low_pct")), _float(r.get(f"{lin}_ci_high_pct"))
-            lin_cells.append({"value": v, "lo": lo, "hi": hi, "flag": r.get(f"{lin}_flag", "")})
+        if r.failed_tiles:
+            flags.append(("warn", f"{int(r.failed_tiles)} tile(s) failed"))
+        lin_cells = [
+            {"value": c.value, "lo": c.lo, "hi": c.hi, "flag": c.flag}
+            for c in (r.lineages[lin] for lin in lineages)
+        ]
         table.append(
             {
-                "slide": r.get("slide") or Path(r.get("path", "")).name,
-                "path": r.get("path", ""),
+                "slide": r.slide or Path(r.path).name,
+                "path": r.path,
                 "link": link,
-                "status": status,
-                "error": r.get("error", ""),
-                "n_cells": _float(r.get("n_cells")),
+                "status": r.status,
+                "error": r.error,
+                "n_cells": r.n_cells,
                 "lineages": lin_cells,
-                "blast": _float(r.get("blast_pct")),
-                "blast_band": r.get("blast_band", ""),
-                "megakaryocytes": _float(r.get("megakaryocytes")),
-                "classes": [_float(r.get(c)) for c in class_cols],
+                "blast": r.blast_pct,
+                "blast_band": r.blast_band,
+                "megakaryocytes": r.megakaryocytes,
+                "classes": [r.class_counts[c] for c in class_codes],
                 "flags": flags,
             }
         )
@@ -124,12 +96,12 @@ def write_cohort_report(out_dir: str | os.PathLike[str]) -> Path:
     for t in table:
         st = str(t["status"])
         n_status[st] = n_status.get(st, 0) + 1
-    pipelines = sorted({r.get("pipeline", "") for r in rows if r.get("pipeline")})
+    pipelines = sorted({r.pipeline for r in rows if r.pipeline})
     ctx = {
         "title": f"wsiflow cohort report — {root.name}",
         "rows": table,
         "lineages": lineages,
-        "class_cols": [c[2:] for c in class_cols],
+        "class_cols": class_codes,
         "has_blast": has_blast,
         "errors": errors,
         "n_status": sorted(n_status.items()),
@@ -142,25 +114,3 @@ def write_cohort_report(out_dir: str | os.PathLike[str]) -> Path:
     atomic_write_bytes(target, render("cohort.html.j2", **ctx))
     return target
 
-
-def _flat_from_summary(s: Mapping[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {k: s.get(k) for k in ("n_cells", "megakaryocytes", "failed_tiles")}
-    for k in ("adequate_cells", "adequate_megakaryocytes"):
-        if k in s:
-            row[k] = "true" if s[k] else "false"
-    b = s.get("blast") or {}
-    if b:
-        row["blast_pct"] = None if b.get("fraction") is None else b["fraction"] * 100
-        row["blast_band"] = b.get("band") or ""
-    for lin in s.get("lineages") or []:
-        n = lin["lineage"]
-        for key, src in (
-            ("dysplastic_pct", "fraction"),
-            ("ci_low_pct", "ci_low"),
-            ("ci_high_pct", "ci_high"),
-        ):
-            row[f"{n}_{key}"] = None if lin.get(src) is None else lin[src] * 100
-        row[f"{n}_flag"] = lin.get("flag", "")
-    for c in s.get("classes") or []:
-        row[f"n_{c['code']}"] = c.get("count")
-    return row

@@ -18,16 +18,17 @@ from typing import Any
 import orjson
 
 from wsiflow.atomic import atomic_write_bytes, output_error
+from wsiflow.writers.record import SUMMARY_BASE_COLUMNS
 
 __all__ = [
     "SUMMARY_BASE_COLUMNS",
+    "csv_cell",
     "read_summary_csv",
     "update_summary_csv",
     "write_summary_csv",
     "write_summary_json",
 ]
 
-SUMMARY_BASE_COLUMNS: tuple[str, ...] = ("slide", "path", "output", "status", "error")
 
 Row = Mapping[str, Any]
 
@@ -40,7 +41,7 @@ def write_summary_json(path: str | os.PathLike[str], summary: Mapping[str, Any])
     atomic_write_bytes(path, data + b"\n")
 
 
-def _cell(v: Any) -> str:
+def csv_cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, bool):
@@ -65,7 +66,7 @@ def write_summary_csv(path: str | os.PathLike[str], rows: Sequence[Row], columns
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
-        w.writerow([_cell(r.get(c)) for c in cols])
+        w.writerow([csv_cell(r.get(c)) for c in cols])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
@@ -87,7 +88,7 @@ def update_summary_csv(path: str | os.PathLike[str], row: Row, key: str = "outpu
     if key not in row:
         raise ValueError(f"row needs a {key!r} value")
     cols, rows = read_summary_csv(path)
-    new = {k: _cell(v) for k, v in row.items()}
+    new = {k: csv_cell(v) for k, v in row.items()}
     out: list[Row] = []
     replaced = False
     for r in rows:
