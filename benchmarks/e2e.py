@@ -121,6 +121,7 @@ def stage_profile(
     import torch
 
     import wsiflow.classify as C
+    import wsiflow.crops as K
     import wsiflow.segment as S
     from wsiflow.config import load_pipeline
     from wsiflow.execution.worker import SlideRef, get_models, get_slide, resolve_models
@@ -142,7 +143,7 @@ def stage_profile(
         (Slide, "read", "read (Slide.read, seg + cls)"),
         (S.Segmenter, "probability_maps", "U-Net (probability_maps)"),
         (S, "instances_from_probs", "post-processing (instances, polygons)"),
-        (C, "crop_cells", "crops (crop_cells)"),
+        (K, "crop_cells", "crops (crop_cells)"),
         (C.Classifier, "predict", "InceptionV3 (Classifier.predict)"),
     ]
     stack = [_patched(o, n, acc, lab) for o, n, lab in patches]

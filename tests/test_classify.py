@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsiflow.classify import Classifier, crop_cells
+from wsiflow.classify import Classifier
 from wsiflow.config import Classifier as ClassifierConfig
+from wsiflow.crops import crop_cells
 from wsiflow.errors import ModelError
 from wsiflow.models.bundle import save_bundle
 from wsiflow.models.inception import build_inception_v3

@@ -16,9 +16,8 @@ from standins import make_random_inception, standin_pipeline, write_smear
 from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline, parse_pipeline
 from wsiflow.execution.worker import SlideRef, clear_caches, get_models, get_slide, resolve_models
-from wsiflow.pipeline import batch as P
 from wsiflow.pipeline.batch import process_batch
-from wsiflow.slide import open_slide
+from wsiflow.slide import Slide, open_slide
 from wsiflow.tiling import TileGrid
 
 CLS_MPP = 0.25  # the slide is read as 0.25 µm/px (--mpp): cls = level 0, seg = its 2×2 reduction
@@ -62,13 +61,12 @@ def test_seg_image_from_the_cls_read_is_what_the_slide_gives(
     used = 0
     for tile in grid.tiles:
         box, (w, h) = tile.read, tile.read_px
-        cw, ch = P._read_size(box.w, box.h, slide.read_level0_scale(CLS_MPP))
-        image = P._read_once(slide, box, (w, h), (cw, ch), CLS_MPP)
+        seg, image, (cw, ch) = slide.read_both(box.x, box.y, box.w, box.h, (w, h), 0.5, CLS_MPP)
         if image is None:
             continue
         used += 1
         assert np.array_equal(image, slide.read(box.x, box.y, cw, ch, CLS_MPP))
-        assert np.array_equal(P._reduce(image, cw // w), slide.read(box.x, box.y, w, h, 0.5))
+        assert np.array_equal(seg, slide.read(box.x, box.y, w, h, 0.5))
     assert used == len(grid.tiles)  # every tile of this grid takes the one-read path
     slide.close()
 
@@ -78,7 +76,7 @@ def test_one_read_per_tile_gives_the_same_cells(
 ) -> None:
     ref = SlideRef(str(jpeg_smear), mpp=CLS_MPP)
     fast = _all_tiles(ref, pipe_k2)
-    monkeypatch.setattr(P, "_read_once", lambda *a, **k: None)  # the two-read path
+    monkeypatch.setattr(Slide, "_one_decode", lambda *a, **k: False)  # the two-read path
     plain = _all_tiles(ref, pipe_k2)
     assert len(fast) > 10
     assert fast.equals(plain)
@@ -87,8 +85,8 @@ def test_one_read_per_tile_gives_the_same_cells(
 def test_one_read_is_skipped_when_cls_needs_resampling(jpeg_smear: Path, pipe_k2: Pipeline) -> None:
     slide = open_slide(jpeg_smear, mpp=CLS_MPP * 2)  # cls 0.25 µm/px is now a 2× upsample
     tile = TileGrid.from_pipeline(*slide.dimensions, slide.mpp, pipe_k2).tiles[0]
-    cw, ch = P._read_size(tile.read.w, tile.read.h, slide.read_level0_scale(CLS_MPP))
-    assert P._read_once(slide, tile.read, tile.read_px, (cw, ch), CLS_MPP) is None
+    box = tile.read
+    assert slide.read_both(box.x, box.y, box.w, box.h, tile.read_px, 0.5, CLS_MPP)[1] is None
     slide.close()
 
 

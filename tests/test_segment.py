@@ -13,6 +13,8 @@ from wsiflow.config import Segmenter as SegCfg
 from wsiflow.models.bundle import save_bundle
 from wsiflow.models.unet import UNet
 from wsiflow.segment import Segmenter, instances_from_probs
+from wsiflow.tiling import Tile
+from wsiflow.types import Box
 
 MPP = 0.5
 
@@ -80,6 +82,18 @@ def test_level0_mapping_and_touches_edge() -> None:
     assert edge[1 - i] and not edge[i]
 
 
+def _tile(core: tuple[float, float, float, float]) -> Tile:
+    box = Box(core[0], core[1], core[2] - core[0], core[3] - core[1])
+    assert (box.x1, box.y1) == (core[2], core[3])  # the tile's core is exactly this box
+    return Tile(0, 0, 0, box, box, (1, 1), (1, 1))
+
+
+def test_tile_owns_is_its_half_open_core() -> None:
+    t = _tile((10.0, 20.0, 30.0, 40.0))
+    assert t.owns([10.0, 29.999, 30.0, 9.999, 15.0], [20.0, 39.9, 25.0, 25.0, 40.0]).tolist() == [
+        True, True, False, False, False]  # fmt: skip
+
+
 def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
     origin, scale = (1000.0, 2000.0), 4.0
     # centroids (px): inside the core; right of it; cut by the left edge; inside, near the core's end
@@ -87,7 +101,7 @@ def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
     full, edge = instances_from_probs(prob, None, CFG, origin, scale, MPP)
     core = (origin[0] + 20 * scale, origin[1], origin[0] + 100 * scale, origin[1] + 100 * scale)
     owned = (full.x >= core[0]) & (full.x < core[2]) & (full.y >= core[1]) & (full.y < core[3]) & ~edge
-    part, part_edge = instances_from_probs(prob, None, CFG, origin, scale, MPP, core)
+    part, part_edge = instances_from_probs(prob, None, CFG, origin, scale, MPP, _tile(core))
     assert len(full) == 4 and owned.sum() == 2 and len(part) == 2 and not part_edge.any()
     want = full.take(np.flatnonzero(owned))
     assert np.array_equal(np.sort(part.x), np.sort(want.x))
@@ -96,7 +110,7 @@ def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
         assert np.array_equal(part.polygon(int(a)), want.polygon(int(b)))
         assert part.area_um2[a] == want.area_um2[b] and part.perimeter_um[a] == want.perimeter_um[b]
     nothing = (origin[0] + 150 * scale, origin[1], origin[0] + 160 * scale, origin[1] + 100 * scale)
-    assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, nothing)[0]) == 0
+    assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, _tile(nothing))[0]) == 0
 
 
 def test_flood_per_component_matches_global_watershed() -> None:

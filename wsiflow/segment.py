@@ -35,6 +35,7 @@ from wsiflow.cells import CellTable
 from wsiflow.config import Segmenter as SegmenterConfig
 from wsiflow.errors import ModelError
 from wsiflow.models.bundle import ModelBundle
+from wsiflow.tiling import Tile
 
 if TYPE_CHECKING:
     import os
@@ -115,13 +116,13 @@ class Segmenter:
         origin_xy: tuple[float, float],
         scale: float,
         mpp: float,
-        core: tuple[float, float, float, float] | None = None,
+        owner: Tile | None = None,
     ) -> tuple[CellTable, NDArray[np.bool_]]:
         """Cells of ``rgb`` (read at ``mpp`` µm/px; its top-left is level-0 ``origin_xy``;
         ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,)).
-        With ``core`` (level-0 ``x0, y0, x1, y1``), only the cells a tile owns are built."""
+        With ``owner`` (the tile read), only the cells that tile owns are built."""
         cell, nucleus = self.probability_maps(rgb, mpp)
-        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, core)
+        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, owner)
 
 
 def _labels(
@@ -247,12 +248,12 @@ def instances_from_probs(
     origin_xy: tuple[float, float],
     scale: float,
     mpp: float,
-    core: tuple[float, float, float, float] | None = None,
+    owner: Tile | None = None,
 ) -> tuple[CellTable, NDArray[np.bool_]]:
     """Probability maps → (CellTable, touches_edge). See the module docstring for conventions.
 
-    ``core`` (level-0 ``x0, y0, x1, y1``, end-exclusive): keep only the cells a tile owns —
-    centroid inside the core and not touching the image edge — *before* their polygons are
+    ``owner`` (the tile that was read): keep only the cells it owns — centroid inside its
+    core (:meth:`Tile.owns`) and not touching the image edge — *before* their polygons are
     traced, so halo cells (a third of a tile's cells) cost no contour work."""
     labels = _labels(prob, nucleus, cfg, mpp)
     n_lab = int(labels.max())
@@ -276,8 +277,8 @@ def instances_from_probs(
     cnt = counts[keep].astype(np.float64)
     x = ox + (sum_c[keep] / cnt + 0.5) * scale
     y = oy + (sum_r[keep] / cnt + 0.5) * scale
-    if core is not None:
-        owned = (x >= core[0]) & (x < core[2]) & (y >= core[1]) & (y < core[3]) & ~border[keep]
+    if owner is not None:
+        owned = owner.owns(x, y) & ~border[keep]
         keep, cnt, x, y = keep[owned], cnt[owned], x[owned], y[owned]
         if len(keep) == 0:
             return CellTable.empty(0), np.zeros(0, bool)

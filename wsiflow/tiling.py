@@ -48,6 +48,13 @@ class Tile:
     core_px: tuple[int, int]
     read_px: tuple[int, int]
 
+    def owns(self, x: ArrayLike, y: ArrayLike) -> NDArray[np.bool_]:
+        """The ownership rule, vectorised: which points (level-0 px) lie in this tile's core,
+        half-open ``[x, x1) × [y, y1)``. A cell belongs to the tile that owns its centroid."""
+        xa, ya = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        c = self.core
+        return np.asarray((xa >= c.x) & (xa < c.x1) & (ya >= c.y) & (ya < c.y1), bool)
+
 
 @dataclass(frozen=True)
 class TileGrid:

@@ -7,7 +7,7 @@ For each tile in turn:
 1. reads the tile's read box (core + halo) at ``seg_mpp``: when ``cls_mpp`` is the slide's
    own µm/px and ``seg_mpp`` an integer multiple of it, the box is read (decoded) once at
    ``cls_mpp`` and the seg image is its k×k reduction in memory, bit-identical to what
-   :meth:`Slide.read` gives at ``seg_mpp`` (:func:`_read_once`);
+   :meth:`Slide.read` gives at ``seg_mpp`` (:meth:`Slide.read_both`);
 2. segments it (:class:`~wsiflow.segment.Segmenter`) into cells in level-0 px;
 3. keeps the cells the tile **owns** (centroid in its core) that do not touch the read
    region's edge, sorted by (y, x) and numbered ``make_ids(tile.id, n)``;
@@ -31,7 +31,6 @@ from wsiflow.cells import CellTable, make_ids
 from wsiflow.config import Pipeline
 from wsiflow.errors import ModelError, SlideError
 from wsiflow.tiling import Tile
-from wsiflow.types import Box
 
 if TYPE_CHECKING:
     from wsiflow.classify import Classifier
@@ -51,14 +50,9 @@ class LoadedModels:
 # --------------------------------------------------------------------------- the work
 
 
-def _read_size(box_w: float, box_h: float, scale: float) -> tuple[int, int]:
-    """Output pixels covering a level-0 box at ``scale`` level-0 px per output px."""
-    return max(1, round(box_w / scale)), max(1, round(box_h / scale))
-
-
 def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels) -> CellTable:
     """One tile → the classified cells it owns (ids final, level-0 px)."""
-    from wsiflow.classify import crop_cells
+    from wsiflow.crops import crop_cells
 
     n_classes = len(pipeline.taxonomy)
     seg_mpp = pipeline.resolution.seg_mpp
@@ -68,9 +62,7 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
     rgb, image, (cw, ch) = read_seg_image(slide, tile, seg_mpp, cls_mpp)
     # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
     # builds only the cells this tile owns: centroid in the core, not cut by the read box's edge
-    core = tile.core
-    owned_box = (core.x, core.y, core.x1, core.y1)
-    cells, _ = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, owned_box)
+    cells, _ = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, tile)
     del rgb
     if len(cells) == 0:
         return CellTable.empty(n_classes)
@@ -104,49 +96,10 @@ def read_seg_image(
     """The tile's read box at ``seg_mpp`` (writeable), its cls image when both came from one
     decode (else None: read it at ``cls_mpp`` when needed), and the cls image's (w, h)."""
     box = tile.read
-    w, h = tile.read_px
-    cw, ch = _read_size(box.w, box.h, slide.read_level0_scale(cls_mpp))
-    image = _read_once(slide, box, (w, h), (cw, ch), cls_mpp)
-    rgb = slide.read(box.x, box.y, w, h, seg_mpp) if image is None else _reduce(image, cw // w)
+    rgb, image, (cw, ch) = slide.read_both(box.x, box.y, box.w, box.h, tile.read_px, seg_mpp, cls_mpp)
     if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (PIL-backed reads)
         rgb = rgb.copy()
     return rgb, image, (cw, ch)
-
-
-def _read_once(
-    slide: Slide, box: Box, seg_px: tuple[int, int], cls_px: tuple[int, int], cls_mpp: float
-) -> NDArray[np.uint8] | None:
-    """The cls image of the read box, when the seg image is exactly its k×k reduction.
-
-    That holds when both reads come from level 0, the cls read is level-0 pixels as they are
-    (cls µm/px = the slide's, box on whole pixels) and the seg read is an integer k× of it
-    on the same grid: then :meth:`Slide.read` makes the seg image by PIL's ``reduce(k)`` of
-    the same level-0 pixels, which :func:`_reduce` repeats, so each tile is decoded once.
-    Otherwise (e.g. a 0.5 µm/px slide read at 0.25 µm/px) None: the tile is read twice.
-    """
-    (w, h), (cw, ch) = seg_px, cls_px
-    k = cw // w
-    if not (
-        abs(slide.read_level0_scale(cls_mpp) - 1.0) < 1e-9
-        and k >= 1
-        and (cw, ch) == (k * w, k * h)
-        and abs(box.w - cw) < 1e-6
-        and abs(box.h - ch) < 1e-6
-        and float(box.x).is_integer()
-        and float(box.y).is_integer()
-        and slide.best_level(box.w / w) == 0
-    ):
-        return None
-    return slide.read(box.x, box.y, cw, ch, cls_mpp)
-
-
-def _reduce(image: NDArray[np.uint8], k: int) -> NDArray[np.uint8]:
-    """k×k mean with PIL's rounding: what :meth:`Slide.read` does for an aligned integer factor."""
-    if k == 1:
-        return image
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).reduce(k))
 
 
 def _with_ids(table: CellTable, tile_id: int) -> CellTable:

@@ -206,6 +206,63 @@ class Slide:
 
     # --- reads ------------------------------------------------------------------------------
 
+    def read_size(self, w: float, h: float, mpp: float) -> tuple[int, int]:
+        """Output pixels covering a level-0 box of ``w`` × ``h`` px read at ``mpp`` µm/px."""
+        scale = self.read_level0_scale(mpp)
+        return max(1, round(w / scale)), max(1, round(h / scale))
+
+    def read_both(
+        self,
+        x: float,
+        y: float,
+        w: float,
+        h: float,
+        seg_px: tuple[int, int],
+        seg_mpp: float,
+        cls_mpp: float,
+    ) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None, tuple[int, int]]:
+        """The level-0 box (x, y, w, h) at ``seg_mpp`` as ``seg_px`` pixels, and at ``cls_mpp``
+        when both come from one decode: (seg image, cls image or None, cls image (w, h)).
+
+        The box is decoded once when both reads come from level 0, the cls read is level-0
+        pixels as they are (cls µm/px = the slide's, box on whole pixels) and the seg read an
+        integer k× of it on the same grid: the seg image is then the cls image's k×k mean with
+        PIL's rounding, which is what :meth:`read` gives at ``seg_mpp`` (its aligned integer
+        factor rule). Otherwise (e.g. a 0.5 µm/px slide read at 0.25 µm/px) the cls image is
+        None: read it at ``cls_mpp`` when it is needed.
+        """
+        cls_px = self.read_size(w, h, cls_mpp)
+        if not self._one_decode(x, y, w, h, seg_px, cls_px, cls_mpp):
+            return self.read(x, y, seg_px[0], seg_px[1], seg_mpp), None, cls_px
+        cls = self.read(x, y, cls_px[0], cls_px[1], cls_mpp)
+        k = cls_px[0] // seg_px[0]
+        seg = cls if k == 1 else np.asarray(Image.fromarray(cls).reduce(k))
+        return seg, cls, cls_px
+
+    def _one_decode(
+        self,
+        x: float,
+        y: float,
+        w: float,
+        h: float,
+        seg_px: tuple[int, int],
+        cls_px: tuple[int, int],
+        cls_mpp: float,
+    ) -> bool:
+        """Whether the seg read of the box is exactly the k×k reduction of its cls read."""
+        (sw, sh), (cw, ch) = seg_px, cls_px
+        k = cw // sw
+        return (
+            abs(self.read_level0_scale(cls_mpp) - 1.0) < 1e-9
+            and k >= 1
+            and (cw, ch) == (k * sw, k * sh)
+            and abs(w - cw) < 1e-6
+            and abs(h - ch) < 1e-6
+            and float(x).is_integer()
+            and float(y).is_integer()
+            and self.best_level(w / sw) == 0
+        )
+
     def read(self, x: float, y: float, w: int, h: int, mpp: float) -> NDArray[np.uint8]:
         """RGB uint8 (h, w, 3) at ``mpp`` µm/px whose top-left is level-0 (x, y); white outside."""
         return self.read_scaled(x, y, w, h, self.read_level0_scale(mpp))

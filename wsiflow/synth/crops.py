@@ -3,7 +3,7 @@
 * :func:`classifier_dataset` — one folder per class of cell crops made exactly as the
   pipeline makes them: the slide region at ``cls_mpp`` after a JPEG round trip (the slide's
   tiles are JPEG), the cell's bounding box (from its true outline, each side jittered by up
-  to ``jitter_um`` as a segmenter would), then :func:`wsiflow.classify.crop_cells` with the
+  to ``jitter_um`` as a segmenter would), then :func:`wsiflow.crops.crop_cells` with the
   pipeline's rule (pad, square, zero-pad, resize to ``input_px``).
 * :func:`segmenter_dataset` — ``images/`` and ``masks/`` tiles at ``seg_mpp`` (masks 0/255:
   nucleus ∪ cytoplasm, with a one-pixel gap where two cells touch, so a U-Net learns to keep
@@ -57,7 +57,7 @@ def classifier_dataset(
     size: int = 6000,
 ) -> dict[str, int]:
     """Write ``out/<class>/s<seed>_<cell>.png`` crops; returns counts per class."""
-    from wsiflow.classify import crop_cells
+    from wsiflow.crops import crop_cells
 
     root = Path(out)
     for c in CLASS_CODES:

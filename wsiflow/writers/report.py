@@ -38,6 +38,7 @@ from wsiflow._version import __version__
 from wsiflow.aggregate import band_labels, summarize
 from wsiflow.atomic import atomic_write_bytes
 from wsiflow.config import ClassDef, Pipeline, load_pipeline, parse_pipeline
+from wsiflow.crops import square_box
 from wsiflow.errors import OutputError, WsiflowError
 from wsiflow.writers import figures
 from wsiflow.writers.report_cells import (
@@ -281,13 +282,12 @@ def _zoom(
 
 
 def _crop(slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float) -> NDArray[np.uint8]:
-    """The cell as the classifier saw it: bbox padded to a square, read at cls_mpp, resized."""
+    """The cell as the classifier saw it: the classifier's square (:func:`square_box`, in
+    px at cls_mpp), read at cls_mpp, resized for the gallery."""
     scale = slide.read_level0_scale(cls_mpp)
-    x0, y0, x1, y1 = (float(v) for v in bbox)
-    side0 = max(x1 - x0, y1 - y0) + 2 * pad_um / float(slide.mpp)
-    n = int(np.clip(round(side0 / scale), 8, 1024))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    img = slide.read(cx - n * scale / 2, cy - n * scale / 2, n, n, cls_mpp)
+    left, top, side = square_box(np.asarray(bbox, np.float64) / scale, pad_um / cls_mpp)
+    n = int(np.clip(side, 8, 1024))
+    img = slide.read(left * scale, top * scale, n, n, cls_mpp)
     return np.asarray(Image.fromarray(img).resize((GALLERY_PX, GALLERY_PX), Image.Resampling.BICUBIC))
 
 
