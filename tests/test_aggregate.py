@@ -114,7 +114,9 @@ def test_dysplasia_summary_hand_computed(mds: Pipeline) -> None:
     assert s.megakaryocytes == 40 and s.adequate_megakaryocytes
     assert meg.fraction == 0.05 and meg.flag == "uncertain"
     assert (meg.ci_low, meg.ci_high) == pytest.approx((0.0138207, 0.1650388), abs=1e-6)
-    assert s.blast is not None and s.blast.fraction == 50 / 550 and s.blast.band == "5–9%"
+    # megakaryocytes are left out of the differential: 50 blasts / 510 cells
+    assert s.n_counted == 510 and s.blast is not None and s.blast.nucleated == 510
+    assert s.blast.fraction == 50 / 510 and s.blast.band == "5–9%"
     d = s.to_dict()
     json.dumps(d)  # JSON-ready
     assert d["lineages"][0]["total"] == 100
@@ -188,8 +190,80 @@ def test_differential_mode_from_the_taxonomy() -> None:
     s = summarize(ids, p)
     assert s.mode == "differential" and s.lineages == ()
     neu = s.classes[0]
-    assert (neu.code, neu.count, neu.fraction) == ("neu", 60, 0.30)
-    # 60/200: centre=0.3096037/1.0192073=0.3037691, half=1.923037*0.0327721=0.0630219
-    assert (neu.ci_low, neu.ci_high) == pytest.approx((0.2407474, 0.3667907), abs=1e-6)
-    assert s.n_nucleated == 100
+    # platelets are not nucleated: the differential is over the 100 nucleated cells
+    assert (neu.code, neu.count, neu.fraction) == ("neu", 60, 0.60)
+    assert (neu.ci_low, neu.ci_high) == pytest.approx(wilson_interval(60, 100), abs=1e-12)
+    assert s.n_nucleated == 100 and s.classes[3].fraction is None
     assert s.blast is not None and s.blast.fraction == 0.10 and s.blast.band == "10–19%"
+
+
+# --------------------------------------------------------------------------- issue 15: counting rules
+
+
+def _pb_like() -> Pipeline:
+    data = load_pipeline("mds").model_dump()
+    data["mode"] = "differential"
+    data["name"] = "pb"
+    data["taxonomy"] = [
+        {"code": "neu", "name": "Neutrophil", "lineage": "granulocytic", "color": [0, 0, 255]},
+        {"code": "lym", "name": "Lymphocyte", "lineage": "lymphoid", "color": [0, 255, 0]},
+        {
+            "code": "plt",
+            "name": "Platelet",
+            "lineage": "megakaryocytic",
+            "nucleated": False,
+            "color": [9] * 3,
+        },
+    ]
+    return Pipeline.model_validate(data)
+
+
+def test_differential_divides_by_nucleated_cells_not_platelets() -> None:
+    # 60 neutrophils + 40 lymphocytes + 100 platelets: neutrophils are 60 % of the differential
+    s = summarize(np.array([0] * 60 + [1] * 40 + [2] * 100), _pb_like())
+    neu, lym, plt = s.classes
+    assert neu.fraction == 0.60 and lym.fraction == 0.40
+    assert (neu.ci_low, neu.ci_high) == pytest.approx(wilson_interval(60, 100), abs=1e-12)
+    assert plt.count == 100 and plt.fraction is None and not plt.in_differential
+    assert s.n_counted == 100 and s.n_cells == 200
+
+
+def test_adequacy_counts_nucleated_cells_only() -> None:
+    # 300 nucleated + 300 platelets is not a 500-cell differential
+    s = summarize(np.array([0] * 200 + [1] * 100 + [2] * 300), _pb_like())
+    assert s.n_counted == 300 and not s.adequate_cells and s.status == "insufficient cells"
+
+
+def test_megakaryocytes_are_left_out_of_the_blast_denominator_by_default(mds: Pipeline) -> None:
+    s = summarize(_ids(blast=50, other=450, MN=90, MD=10), mds)
+    assert s.denominator_rule == "nucleated-without-megakaryocytes"
+    assert s.n_counted == 500 and s.adequate_cells
+    assert s.blast is not None and s.blast.nucleated == 500 and s.blast.fraction == 0.10
+    mn = next(c for c in s.classes if c.code == "MN")
+    assert mn.fraction is None and mn.count == 90
+    assert s.to_row()["denominator_rule"] == "nucleated-without-megakaryocytes"
+    assert "megakaryocytes" in s.denominator_description
+
+
+def test_denominator_rule_is_configurable(mds: Pipeline) -> None:
+    data = mds.model_dump()
+    data["counting"] = {"denominator": "nucleated"}
+    p = Pipeline.model_validate(data)
+    s = summarize(_ids(blast=50, other=450, MN=90, MD=10), p)
+    assert s.denominator_rule == "nucleated"
+    assert s.n_counted == 600 and s.blast is not None and s.blast.fraction == 50 / 600
+
+
+def test_me_ratio_with_its_interval(mds: Pipeline) -> None:
+    # granulocytic 300 : erythroid 100 -> 3.0; interval from the Wilson interval of 300/400
+    s = summarize(_ids(GN=270, GD=30, EN=90, ED=10, other=100), mds)
+    me = s.me_ratio
+    assert me is not None and (me.myeloid, me.erythroid) == (300, 100) and me.ratio == 3.0
+    lo, hi = wilson_interval(300, 400)
+    assert (me.ci_low, me.ci_high) == pytest.approx((lo / (1 - lo), hi / (1 - hi)), abs=1e-12)
+    assert me.ci_low < 3.0 < me.ci_high
+    assert s.to_row()["me_ratio"] == 3.0
+    # no erythroid cells: the ratio is undefined, not infinite
+    s = summarize(_ids(GN=300, other=300), mds)
+    assert s.me_ratio is not None and s.me_ratio.ratio is None and s.me_ratio.ci_high is None
+    json.dumps(s.to_dict())

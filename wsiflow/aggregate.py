@@ -3,16 +3,23 @@
 Everything is driven by the pipeline's taxonomy (``ClassDef.lineage / dysplastic / blast /
 nucleated``), never by hard-coded class codes.
 
+* The differential (ICSH): percentages, the blast % and the ``adequacy.min_cells`` count are
+  taken over the cells ``counting.denominator`` names — by default nucleated cells without
+  megakaryocytes ("nucleated-without-megakaryocytes"): platelets and other non-nucleated
+  objects are never in it, megakaryocytes are counted and assessed apart. Classes outside
+  the denominator keep their count and get no percentage. The rule's name is in the summary.
 * Dysplasia mode: per lineage, dysplastic / (normal + dysplastic) with a Wilson score
   interval at ``who.confidence``; flag "met" when the lower bound reaches the WHO threshold
   (the criterion is ≥ 10 %), "not met" when the upper bound is below it, "uncertain" when
   the interval straddles it, "insufficient" when the lineage has no cells (or, for the
   megakaryocytic lineage, fewer than ``adequacy.min_megakaryocytes``).
-* Blast % of all nucleated cells with its WHO 2022 band (``<5%``, ``5–9%``, ``10–19%``,
+* Blast % of the differential with its WHO 2022 band (``<5%``, ``5–9%``, ``10–19%``,
   ``≥20%`` for the default bands 5/10/20 %).
+* M:E ratio (``counting.me_ratio``: granulocytic : erythroid lineage cells) with the interval
+  from the Wilson interval of myeloid / (myeloid + erythroid), mapped through p / (1 − p).
 * Differential mode: count and % of every class with a Wilson interval.
-* Adequacy: cells counted ≥ ``adequacy.min_cells``; fewer (including zero) gives status
-  "insufficient cells". Zero cells is a valid result, never a division by zero.
+* Adequacy: cells of the differential ≥ ``adequacy.min_cells``; fewer (including zero) gives
+  status "insufficient cells". Zero cells is a valid result, never a division by zero.
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import norm
 
-from wsiflow.config import Pipeline
+from wsiflow.config import DENOMINATOR_RULES, ClassDef, Pipeline
 
 __all__ = [
     "BlastStat",
     "ClassStat",
     "LineageStat",
+    "MERatio",
     "SlideSummary",
     "band_labels",
     "blast_band",
@@ -110,9 +118,10 @@ class ClassStat:
     code: str
     name: str
     count: int
-    fraction: float | None  # of all classified cells
+    fraction: float | None  # of the differential's cells (None outside the denominator)
     ci_low: float | None
     ci_high: float | None
+    in_differential: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,9 +140,20 @@ class LineageStat:
 
 
 @dataclass(frozen=True)
+class MERatio:
+    """Myeloid (granulocytic) : erythroid cells; ``ratio``/``ci_high`` None where unbounded."""
+
+    myeloid: int
+    erythroid: int
+    ratio: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+@dataclass(frozen=True)
 class BlastStat:
     count: int
-    nucleated: int
+    nucleated: int  # cells of the differential (the denominator rule's), not all nucleated cells
     fraction: float | None
     ci_low: float | None
     ci_high: float | None
@@ -150,6 +170,9 @@ class SlideSummary:
     n_cells: int
     n_unclassified: int
     n_nucleated: int
+    n_counted: int  # cells of the differential: the denominator of %, blast % and adequacy
+    denominator_rule: str
+    denominator_description: str
     counts: dict[str, int]
     classes: tuple[ClassStat, ...]
     lineages: tuple[LineageStat, ...]
@@ -166,12 +189,14 @@ class SlideSummary:
     tiles_total: int
     notes: tuple[str, ...]
     error: str | None = None
+    me_ratio: MERatio | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"] = [asdict(c) for c in self.classes]
         d["lineages"] = [asdict(lin) | {"total": lin.total} for lin in self.lineages]
         d["blast"] = asdict(self.blast) if self.blast is not None else None
+        d["me_ratio"] = asdict(self.me_ratio) if self.me_ratio is not None else None
         d["notes"] = list(self.notes)
         d["counts"] = dict(self.counts)
         return d
@@ -189,6 +214,8 @@ class SlideSummary:
             "mode": self.mode,
             "n_cells": self.n_cells,
             "n_nucleated": self.n_nucleated,
+            "n_counted": self.n_counted,
+            "denominator_rule": self.denominator_rule,
             "n_unclassified": self.n_unclassified,
             "adequate_cells": self.adequate_cells,
             "megakaryocytes": self.megakaryocytes,
@@ -202,6 +229,14 @@ class SlideSummary:
             row["blast_ci_low_pct"] = pct(self.blast.ci_low)
             row["blast_ci_high_pct"] = pct(self.blast.ci_high)
             row["blast_band"] = self.blast.band or ""
+        if self.me_ratio is not None:
+            me = self.me_ratio
+            for key, v in (
+                ("me_ratio", me.ratio),
+                ("me_ratio_ci_low", me.ci_low),
+                ("me_ratio_ci_high", me.ci_high),
+            ):
+                row[key] = None if v is None else round(v, 4)
         for lin in self.lineages:
             row[f"{lin.lineage}_dysplastic_pct"] = pct(lin.fraction)
             row[f"{lin.lineage}_ci_low_pct"] = pct(lin.ci_low)
@@ -210,6 +245,30 @@ class SlideSummary:
         for c in self.classes:
             row[f"n_{c.code}"] = c.count
         return row
+
+
+def in_differential(c: ClassDef, pipeline: Pipeline) -> bool:
+    """Whether class ``c`` is in the differential's denominator (``counting.denominator``)."""
+    if not c.nucleated:
+        return False
+    rule = pipeline.counting.denominator
+    if rule == "nucleated-without-megakaryocytes":
+        return c.lineage != pipeline.adequacy.megakaryocytic_lineage
+    return True
+
+
+def me_ratio(myeloid: int, erythroid: int, confidence: float = 0.95) -> MERatio:
+    """M:E ratio with the interval of p = M / (M + E) mapped through p / (1 − p)."""
+    n = myeloid + erythroid
+    if n == 0:
+        return MERatio(myeloid, erythroid, None, None, None)
+    lo, hi = wilson_interval(myeloid, n, confidence)
+
+    def odds(q: float) -> float | None:
+        return None if q >= 1.0 else q / (1.0 - q)
+
+    ratio = myeloid / erythroid if erythroid else None
+    return MERatio(myeloid, erythroid, ratio, odds(lo), odds(hi))
 
 
 def summarize(
@@ -232,19 +291,21 @@ def summarize(
     n_cells = int(classified.size)
     conf = pipeline.who.confidence
     threshold = pipeline.who.dysplasia_threshold
+    counted = {c.code: in_differential(c, pipeline) for c in taxonomy}
+    n_counted = sum(counts[c.code] for c in taxonomy if counted[c.code])
 
     classes = []
     for c in taxonomy:
         n = counts[c.code]
-        if n_cells:
-            lo, hi = wilson_interval(n, n_cells, conf)
-            classes.append(ClassStat(c.code, c.name, n, n / n_cells, lo, hi))
+        if counted[c.code] and n_counted:
+            lo, hi = wilson_interval(n, n_counted, conf)
+            classes.append(ClassStat(c.code, c.name, n, n / n_counted, lo, hi))
         else:
-            classes.append(ClassStat(c.code, c.name, n, None, None, None))
+            classes.append(ClassStat(c.code, c.name, n, None, None, None, counted[c.code]))
 
     adeq = pipeline.adequacy
     mk_lineage = adeq.megakaryocytic_lineage
-    megakaryocytes = sum(counts[c.code] for c in taxonomy if c.lineage == mk_lineage)
+    megakaryocytes = sum(counts[c.code] for c in taxonomy if c.lineage == mk_lineage and c.nucleated)
     adequate_mk = megakaryocytes >= adeq.min_megakaryocytes
     notes: list[str] = []
 
@@ -270,22 +331,30 @@ def summarize(
                 )
             lineages.append(LineageStat(lineage, normal, dys, dys / total, lo, hi, flag))
 
-    nucleated_codes = [c.code for c in taxonomy if c.nucleated]
-    n_nucleated = sum(counts[c] for c in nucleated_codes)
+    n_nucleated = sum(counts[c.code] for c in taxonomy if c.nucleated)
     blast: BlastStat | None = None
     if any(c.blast for c in taxonomy):
-        n_blast = sum(counts[c.code] for c in taxonomy if c.blast and c.nucleated)
-        if n_nucleated:
-            frac = n_blast / n_nucleated
-            lo, hi = wilson_interval(n_blast, n_nucleated, conf)
-            blast = BlastStat(n_blast, n_nucleated, frac, lo, hi, blast_band(frac, pipeline.who.blast_bands))
+        n_blast = sum(counts[c.code] for c in taxonomy if c.blast and counted[c.code])
+        if n_counted:
+            frac = n_blast / n_counted
+            lo, hi = wilson_interval(n_blast, n_counted, conf)
+            blast = BlastStat(n_blast, n_counted, frac, lo, hi, blast_band(frac, pipeline.who.blast_bands))
         else:
             blast = BlastStat(0, 0, None, None, None, None)
 
-    adequate_cells = n_cells >= adeq.min_cells and n_cells > 0
+    me: MERatio | None = None
+    if pipeline.counting.me_ratio is not None:
+        my_lin, ery_lin = pipeline.counting.me_ratio
+        n_my = sum(counts[c.code] for c in taxonomy if c.lineage == my_lin and c.nucleated)
+        n_ery = sum(counts[c.code] for c in taxonomy if c.lineage == ery_lin and c.nucleated)
+        me = me_ratio(n_my, n_ery, conf)
+
+    adequate_cells = n_counted >= adeq.min_cells and n_counted > 0
     status = STATUS_OK if adequate_cells else STATUS_INSUFFICIENT
     if not adequate_cells:
-        notes.append(f"{n_cells} cells counted (< {adeq.min_cells}): insufficient for a reliable count")
+        notes.append(
+            f"{n_counted} cells in the differential (< {adeq.min_cells}): insufficient for a reliable count"
+        )
     if failed_tiles:
         notes.append(
             f"{failed_tiles} tile(s) failed and were excluded "
@@ -294,6 +363,7 @@ def summarize(
     n_unclassified = int(ids.size - n_cells)
     if n_unclassified:
         notes.append(f"{n_unclassified} cell(s) were not classified and are excluded")
+    rule = pipeline.counting.denominator
     return SlideSummary(
         pipeline=pipeline.name,
         mode=pipeline.mode,
@@ -301,6 +371,9 @@ def summarize(
         n_cells=n_cells,
         n_unclassified=n_unclassified,
         n_nucleated=n_nucleated,
+        n_counted=n_counted,
+        denominator_rule=rule,
+        denominator_description=DENOMINATOR_RULES[rule],
         counts=counts,
         classes=tuple(classes),
         lineages=tuple(lineages),
@@ -317,4 +390,5 @@ def summarize(
         tiles_total=int(tiles_total),
         notes=tuple(notes),
         error=error,
+        me_ratio=me,
     )

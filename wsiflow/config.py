@@ -127,9 +127,40 @@ class Who(_Frozen):
 
 
 class Adequacy(_Frozen):
+    """How many cells a count and a call need (DESIGN §5 "SlideSummary").
+
+    ``min_cells`` applies to the cells of the differential (``counting.denominator``): by
+    default nucleated cells without megakaryocytes, ICSH's 500-cell count.
+    """
+
     min_cells: int = Field(default=500, ge=0)
     min_megakaryocytes: int = Field(default=30, ge=0)
     megakaryocytic_lineage: str = "megakaryocytic"
+
+
+DENOMINATOR_RULES: dict[str, str] = {
+    "nucleated-without-megakaryocytes": (
+        "nucleated cells without megakaryocytes (platelets and other non-nucleated objects "
+        "left out; megakaryocytes are assessed apart)"
+    ),
+    "nucleated": (
+        "all nucleated cells, megakaryocytes included (platelets and other non-nucleated objects left out)"
+    ),
+}
+
+
+class Counting(_Frozen):
+    """The differential's denominator and the M:E ratio's lineages.
+
+    ``denominator`` names the cells the differential percentages, the blast % and the
+    ``adequacy.min_cells`` count are taken over (see :data:`DENOMINATOR_RULES`);
+    megakaryocytes are the classes of ``adequacy.megakaryocytic_lineage``.
+    ``me_ratio`` is (myeloid lineage, erythroid lineage), or null where an M:E ratio makes
+    no sense (peripheral blood).
+    """
+
+    denominator: Literal["nucleated-without-megakaryocytes", "nucleated"] = "nucleated-without-megakaryocytes"
+    me_ratio: tuple[str, str] | None = ("granulocytic", "erythroid")
 
 
 class Outputs(_Frozen):
@@ -150,6 +181,7 @@ class Pipeline(_Frozen):
     classifier: Classifier
     who: Who = Who()
     adequacy: Adequacy = Adequacy()
+    counting: Counting = Counting()
     outputs: Outputs = Outputs()
 
     @field_validator("taxonomy")

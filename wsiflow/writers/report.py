@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from wsiflow._version import __version__
 from wsiflow.aggregate import band_labels, summarize
-from wsiflow.config import ClassDef, Pipeline, load_pipeline, parse_pipeline
+from wsiflow.config import DENOMINATOR_RULES, ClassDef, Pipeline, load_pipeline, parse_pipeline
 from wsiflow.errors import OutputError, WsiflowError
 from wsiflow.writers import figures
 from wsiflow.writers._atomic import atomic_write_bytes
@@ -349,6 +349,8 @@ def write_slide_report(
 
     counts = summary.get("counts") or {}
     n_cells = int(summary.get("n_cells") or 0)
+    # the differential's percentages as summarised (denominator rule applied), else of all cells
+    stat_frac = {str(c.get("code")): c.get("fraction") for c in summary.get("classes") or []}
     class_rows = []
     for c in taxonomy:
         n = int(counts.get(c.code, 0))
@@ -358,7 +360,7 @@ def write_slide_report(
                 "name": c.name,
                 "color": hex_color(c.color),
                 "count": n,
-                "fraction": n / n_cells if n_cells else None,
+                "fraction": stat_frac[c.code] if c.code in stat_frac else (n / n_cells if n_cells else None),
                 "lineage": c.lineage or "",
                 "dysplastic": c.dysplastic,
                 "blast": c.blast,
@@ -562,6 +564,7 @@ def _metadata_rows(ident: Mapping[str, Any], doc: Mapping[str, Any]) -> list[tup
 def _pipeline_rows(p: Pipeline | None, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     if p is None:
         return [("Pipeline", str(doc.get("pipeline", "–")))]
+    rule = p.counting.denominator
     return [
         ("Pipeline", f"{p.name} ({p.mode})"),
         (
@@ -581,7 +584,8 @@ def _pipeline_rows(p: Pipeline | None, doc: Mapping[str, Any]) -> list[tuple[str
         ),
         (
             "Adequacy",
-            f"≥ {p.adequacy.min_cells} cells; ≥ {p.adequacy.min_megakaryocytes} megakaryocytes "
-            "to call megakaryocytic dysplasia",
+            f"≥ {p.adequacy.min_cells} cells in the differential; ≥ {p.adequacy.min_megakaryocytes} "
+            "megakaryocytes to call megakaryocytic dysplasia",
         ),
+        ("Differential denominator", f"{rule}: {DENOMINATOR_RULES[rule]}"),
     ]
