@@ -100,7 +100,9 @@ def test_dysplasia_summary_hand_computed(mds: Pipeline) -> None:
     # half=1.788229*sqrt(0.0011875+0.0006002)=0.0756092 -> (0.0138207, 0.1650388)
     # uncertain; 50 blasts, 260 other.
     ids = _ids(EN=70, ED=30, GN=90, GD=10, MN=38, MD=2, blast=50, other=260)
-    s = summarize(ids, mds)
+    data = mds.model_dump()
+    data["adequacy"]["min_lineage_cells"] = {"erythroid": 100, "granulocytic": 100}
+    s = summarize(ids, Pipeline.model_validate(data))
     assert s.status == "ok" and s.n_cells == 550 and s.adequate_cells
     assert s.counts == {"EN": 70, "GN": 90, "MN": 38, "ED": 30, "GD": 10, "MD": 2, "blast": 50, "other": 260}
     lin = {x.lineage: x for x in s.lineages}
@@ -267,3 +269,60 @@ def test_me_ratio_with_its_interval(mds: Pipeline) -> None:
     s = summarize(_ids(GN=300, other=300), mds)
     assert s.me_ratio is not None and s.me_ratio.ratio is None and s.me_ratio.ci_high is None
     json.dumps(s.to_dict())
+
+
+def test_a_lineage_call_needs_the_lineage_minimum(mds: Pipeline) -> None:
+    # 3 dysplastic of 5 erythroid cells: Wilson 0.23-0.88, but 5 < 200 erythroid precursors
+    s = summarize(_ids(EN=2, ED=3, GN=190, GD=10, other=400), mds)
+    assert s.status == "ok"
+    ery = next(x for x in s.lineages if x.lineage == "erythroid")
+    assert ery.fraction == 0.6 and ery.ci_low == pytest.approx(0.2307, abs=1e-4)
+    assert ery.flag == "insufficient" and ery.minimum == 200
+    gra = next(x for x in s.lineages if x.lineage == "granulocytic")
+    assert gra.total == 200 and gra.flag == "not met" and gra.minimum == 200  # 200 is enough
+    assert any("erythroid: 5 cells (< 200)" in n for n in s.notes)
+    assert s.to_row()["erythroid_flag"] == "insufficient"
+
+
+def test_lineage_minimums_are_configurable(mds: Pipeline) -> None:
+    data = mds.model_dump()
+    data["adequacy"]["min_lineage_cells"] = {"erythroid": 5}
+    p = Pipeline.model_validate(data)
+    s = summarize(_ids(EN=2, ED=3, other=600), p)
+    assert next(x for x in s.lineages if x.lineage == "erythroid").flag == "met"
+    assert p.adequacy.lineage_minimum("granulocytic") == 0  # not listed: no minimum but one cell
+    assert p.adequacy.lineage_minimum("megakaryocytic") == 30  # adequacy.min_megakaryocytes
+
+
+def test_an_insufficient_slide_calls_no_lineage(mds: Pipeline) -> None:
+    # 250 erythroid cells, 30 % dysplastic, would be "met" — but the slide has 250 < 500 cells
+    s = summarize(_ids(EN=175, ED=75), mds)
+    assert s.status == "insufficient cells"
+    assert all(x.flag == "insufficient" for x in s.lineages)
+    assert s.lineages[0].fraction == 0.3  # the fraction is still reported
+    assert s.blast is not None and s.blast.call == "insufficient"
+
+
+def test_blast_band_straddling_a_cut_is_uncertain(mds: Pipeline) -> None:
+    # 23 / 500 = 4.6 %, interval 3.1-6.8 %: "<5%" by the estimate, but it straddles 5 %
+    s = summarize(_ids(blast=23, other=477), mds)
+    b = s.blast
+    assert b is not None and b.fraction == 0.046
+    assert (b.ci_low, b.ci_high) == pytest.approx((0.0308, 0.0681), abs=1e-4)
+    assert b.band == "<5%" and b.band_low == "<5%" and b.band_high == "5–9%"
+    assert b.call == "uncertain between bands"
+    assert s.to_row()["blast_call"] == "uncertain between bands"
+    # well inside a band: the call is the band
+    s = summarize(_ids(blast=750, other=4250), mds)  # 15 %, interval 14.0-16.0 %
+    assert s.blast is not None and s.blast.call == "10–19%" == s.blast.band
+    assert s.blast.icc_band == "MDS/AML (10–19%)"
+    assert s.blast.who_category == "MDS-IB2 (10–19%)"
+
+
+def test_icc_band_only_for_the_who_icc_cuts(mds: Pipeline) -> None:
+    data = mds.model_dump()
+    data["who"]["blast_bands"] = [0.02, 0.05]
+    p = Pipeline.model_validate(data)
+    s = summarize(_ids(blast=10, other=490), p)
+    assert s.blast is not None and s.blast.icc_band is None and s.blast.who_category is None
+    assert s.blast.band == "2–4%"

@@ -337,3 +337,13 @@ def test_slide_report_names_the_denominator_rule_and_the_me_ratio(run) -> None:
     me = s["me_ratio"]
     assert me is not None and me["ratio"] is not None
     assert f'id="me-ratio">{me["ratio"]:.2f}' in html
+
+
+def test_slide_report_shows_the_blast_call_icc_beside_who_and_the_genetics_note(run) -> None:
+    html = run["pages"]["smear"].read_text(encoding="utf-8")
+    b = run["summary"]["blast"]
+    assert f'id="blast-call">Call: <b>{b["call"]}</b>' in html
+    assert f'id="blast-who">{b["who_category"]}<' in html and f'id="blast-icc">{b["icc_band"]}<' in html
+    assert "AML-defining genetic abnormalities have no blast cut-off" in html
+    tiny = run["pages"]["tiny"].read_text(encoding="utf-8")
+    assert 'id="blast-call">Call: <b>insufficient</b>' in tiny

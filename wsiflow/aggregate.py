@@ -43,6 +43,7 @@ __all__ = [
     "SlideSummary",
     "band_labels",
     "blast_band",
+    "blast_stat",
     "dysplasia_flag",
     "summarize",
     "wilson_interval",
@@ -50,6 +51,14 @@ __all__ = [
 
 STATUS_OK = "ok"
 STATUS_INSUFFICIENT = "insufficient cells"
+UNCERTAIN_BANDS = "uncertain between bands"
+
+# Bone-marrow blast ranges of the two 2022 classifications, for the cuts 5/10/20 % only.
+# Blasts alone never classify: peripheral-blood blasts, Auer rods and genetics also decide,
+# and AML-defining genetic abnormalities need no blast cut-off (WHO) or ≥ 10 % (ICC).
+DEFAULT_BLAST_CUTS = (0.05, 0.10, 0.20)
+WHO_2022_CATEGORIES = ("MDS-LB (<5%)", "MDS-IB1 (5–9%)", "MDS-IB2 (10–19%)", "AML (≥20%)")
+ICC_2022_CATEGORIES = ("MDS (<5%)", "MDS-EB (5–9%)", "MDS/AML (10–19%)", "AML (≥20%)")
 
 
 def z_value(confidence: float) -> float:
@@ -107,10 +116,46 @@ def band_labels(bands: tuple[float, ...]) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def _band_index(fraction: float, bands: tuple[float, ...]) -> int:
+    return sum(1 for b in bands if fraction >= b)
+
+
 def blast_band(fraction: float, bands: tuple[float, ...]) -> str:
     """WHO band of a blast fraction: the number of cut points it reaches picks the label."""
-    idx = sum(1 for b in bands if fraction >= b)
-    return band_labels(bands)[idx]
+    return band_labels(bands)[_band_index(fraction, bands)]
+
+
+def blast_stat(
+    n_blast: int, n: int, bands: tuple[float, ...], confidence: float, adequate: bool
+) -> BlastStat:
+    """Blast % of ``n`` cells; the call is the estimate's band unless the interval crosses a
+    cut ("uncertain between bands") or the slide has too few cells ("insufficient")."""
+    if n == 0:
+        return BlastStat(0, 0, None, None, None, None, call="insufficient")
+    frac = n_blast / n
+    lo, hi = wilson_interval(n_blast, n, confidence)
+    labels = band_labels(bands)
+    idx, i_lo, i_hi = _band_index(frac, bands), _band_index(lo, bands), _band_index(hi, bands)
+    if not adequate:
+        call = "insufficient"
+    elif i_lo != i_hi:
+        call = UNCERTAIN_BANDS
+    else:
+        call = labels[idx]
+    default = tuple(bands) == DEFAULT_BLAST_CUTS
+    return BlastStat(
+        n_blast,
+        n,
+        frac,
+        lo,
+        hi,
+        labels[idx],
+        band_low=labels[i_lo],
+        band_high=labels[i_hi],
+        call=call,
+        who_category=WHO_2022_CATEGORIES[idx] if default else None,
+        icc_band=ICC_2022_CATEGORIES[idx] if default else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -133,6 +178,7 @@ class LineageStat:
     ci_low: float | None
     ci_high: float | None
     flag: str  # met | not met | uncertain | insufficient
+    minimum: int = 0  # cells of the lineage a call needs (adequacy)
 
     @property
     def total(self) -> int:
@@ -157,7 +203,12 @@ class BlastStat:
     fraction: float | None
     ci_low: float | None
     ci_high: float | None
-    band: str | None
+    band: str | None  # WHO 2022 band of the estimate
+    band_low: str | None = None  # bands of the interval's ends
+    band_high: str | None = None
+    call: str | None = None  # the band | "uncertain between bands" | "insufficient"
+    who_category: str | None = None  # WHO 2022 category of the band (default cuts only)
+    icc_band: str | None = None  # ICC 2022 category of the band (default cuts only)
 
 
 @dataclass(frozen=True)
@@ -229,6 +280,8 @@ class SlideSummary:
             row["blast_ci_low_pct"] = pct(self.blast.ci_low)
             row["blast_ci_high_pct"] = pct(self.blast.ci_high)
             row["blast_band"] = self.blast.band or ""
+            row["blast_call"] = self.blast.call or ""
+            row["blast_icc"] = self.blast.icc_band or ""
         if self.me_ratio is not None:
             me = self.me_ratio
             for key, v in (
@@ -308,6 +361,7 @@ def summarize(
     megakaryocytes = sum(counts[c.code] for c in taxonomy if c.lineage == mk_lineage and c.nucleated)
     adequate_mk = megakaryocytes >= adeq.min_megakaryocytes
     notes: list[str] = []
+    adequate_cells = n_counted >= adeq.min_cells and n_counted > 0
 
     lineages: list[LineageStat] = []
     if pipeline.mode == "dysplasia":
@@ -318,8 +372,9 @@ def summarize(
             dys = sum(counts[c.code] for c in members if c.dysplastic)
             normal = sum(counts[c.code] for c in members if not c.dysplastic)
             total = dys + normal
+            minimum = adeq.lineage_minimum(lineage)
             if total == 0:
-                lineages.append(LineageStat(lineage, normal, dys, None, None, None, "insufficient"))
+                lineages.append(LineageStat(lineage, normal, dys, None, None, None, "insufficient", minimum))
                 continue
             lo, hi = wilson_interval(dys, total, conf)
             flag = dysplasia_flag(lo, hi, threshold)
@@ -329,18 +384,18 @@ def summarize(
                     f"{megakaryocytes} megakaryocytes counted (< {adeq.min_megakaryocytes}): "
                     "megakaryocytic dysplasia not called"
                 )
-            lineages.append(LineageStat(lineage, normal, dys, dys / total, lo, hi, flag))
+            elif total < minimum:
+                flag = "insufficient"
+                notes.append(f"{lineage}: {total} cells (< {minimum}): {lineage} dysplasia not called")
+            elif not adequate_cells:
+                flag = "insufficient"
+            lineages.append(LineageStat(lineage, normal, dys, dys / total, lo, hi, flag, minimum))
 
     n_nucleated = sum(counts[c.code] for c in taxonomy if c.nucleated)
     blast: BlastStat | None = None
     if any(c.blast for c in taxonomy):
         n_blast = sum(counts[c.code] for c in taxonomy if c.blast and counted[c.code])
-        if n_counted:
-            frac = n_blast / n_counted
-            lo, hi = wilson_interval(n_blast, n_counted, conf)
-            blast = BlastStat(n_blast, n_counted, frac, lo, hi, blast_band(frac, pipeline.who.blast_bands))
-        else:
-            blast = BlastStat(0, 0, None, None, None, None)
+        blast = blast_stat(n_blast, n_counted, pipeline.who.blast_bands, conf, adequate_cells)
 
     me: MERatio | None = None
     if pipeline.counting.me_ratio is not None:
@@ -349,11 +404,11 @@ def summarize(
         n_ery = sum(counts[c.code] for c in taxonomy if c.lineage == ery_lin and c.nucleated)
         me = me_ratio(n_my, n_ery, conf)
 
-    adequate_cells = n_counted >= adeq.min_cells and n_counted > 0
     status = STATUS_OK if adequate_cells else STATUS_INSUFFICIENT
     if not adequate_cells:
         notes.append(
-            f"{n_counted} cells in the differential (< {adeq.min_cells}): insufficient for a reliable count"
+            f"{n_counted} cells in the differential (< {adeq.min_cells}): insufficient for a reliable count; "
+            "no lineage or blast band is called"
         )
     if failed_tiles:
         notes.append(

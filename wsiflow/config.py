@@ -136,6 +136,23 @@ class Adequacy(_Frozen):
     min_cells: int = Field(default=500, ge=0)
     min_megakaryocytes: int = Field(default=30, ge=0)
     megakaryocytic_lineage: str = "megakaryocytic"
+    # WHO: ≥ 200 erythroid precursors and ≥ 200 granulocytic cells before judging ≥ 10 %
+    # dysplasia (megakaryocytes: min_megakaryocytes); a lineage not listed needs one cell
+    min_lineage_cells: dict[str, int] = Field(default_factory=lambda: {"erythroid": 200, "granulocytic": 200})
+
+    @field_validator("min_lineage_cells")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(k for k, n in v.items() if n < 0)
+        if bad:
+            raise ValueError(f"minimums must be ≥ 0 ({', '.join(bad)})")
+        return v
+
+    def lineage_minimum(self, lineage: str) -> int:
+        """Cells of ``lineage`` a dysplasia call needs."""
+        if lineage == self.megakaryocytic_lineage:
+            return self.min_megakaryocytes
+        return self.min_lineage_cells.get(lineage, 0)
 
 
 DENOMINATOR_RULES: dict[str, str] = {

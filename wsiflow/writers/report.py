@@ -584,8 +584,9 @@ def _pipeline_rows(p: Pipeline | None, doc: Mapping[str, Any]) -> list[tuple[str
         ),
         (
             "Adequacy",
-            f"≥ {p.adequacy.min_cells} cells in the differential; ≥ {p.adequacy.min_megakaryocytes} "
-            "megakaryocytes to call megakaryocytic dysplasia",
+            f"≥ {p.adequacy.min_cells} cells in the differential; a lineage call needs "
+            + ", ".join(f"≥ {n} {lin}" for lin, n in p.adequacy.min_lineage_cells.items())
+            + f", ≥ {p.adequacy.min_megakaryocytes} megakaryocytes",
         ),
         ("Differential denominator", f"{rule}: {DENOMINATOR_RULES[rule]}"),
     ]
