@@ -326,3 +326,24 @@ def test_icc_band_only_for_the_who_icc_cuts(mds: Pipeline) -> None:
     s = summarize(_ids(blast=10, other=490), p)
     assert s.blast is not None and s.blast.icc_band is None and s.blast.who_category is None
     assert s.blast.band == "2–4%"
+
+
+def test_failed_area_above_the_limit_makes_the_slide_partial(mds: Pipeline) -> None:
+    ids = _ids(EN=300, GN=300, other=100)
+    s = summarize(ids, mds, failed_tiles=1, failed_area_fraction=0.05, tiles_total=20)
+    assert s.status == "ok"  # 5 % is the limit, not beyond it
+    s = summarize(ids, mds, failed_tiles=2, failed_area_fraction=0.10, tiles_total=20)
+    assert s.status == "partial" and s.max_failed_area_fraction == 0.05
+    assert s.to_row()["status"] == "partial" and s.to_row()["failed_area_fraction"] == 0.1
+    assert any("10.00% of the counted area" in n and "partial" in n for n in s.notes)
+    data = mds.model_dump()
+    data["adequacy"]["max_failed_area_fraction"] = 0.2
+    assert summarize(ids, Pipeline.model_validate(data), 2, 0.10, 20).status == "ok"
+    # too few cells stays "insufficient cells" whatever failed
+    assert summarize(_ids(EN=10), mds, 2, 0.5, 4).status == "insufficient cells"
+
+
+def test_tissue_skipped_fraction_is_reported(mds: Pipeline) -> None:
+    s = summarize(np.zeros(0, np.int16), mds, tiles_total=3, tissue_skipped_fraction=0.97)
+    assert s.tissue_skipped_fraction == 0.97 and s.to_row()["tissue_skipped_fraction"] == 0.97
+    assert any("97.0% of the slide" in n for n in s.notes)

@@ -51,6 +51,7 @@ __all__ = [
 
 STATUS_OK = "ok"
 STATUS_INSUFFICIENT = "insufficient cells"
+STATUS_PARTIAL = "partial"
 UNCERTAIN_BANDS = "uncertain between bands"
 
 # Bone-marrow blast ranges of the two 2022 classifications, for the cuts 5/10/20 % only.
@@ -241,6 +242,8 @@ class SlideSummary:
     notes: tuple[str, ...]
     error: str | None = None
     me_ratio: MERatio | None = None
+    max_failed_area_fraction: float = 0.05
+    tissue_skipped_fraction: float | None = None  # of the tile grid's area, left out by the tissue mask
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -274,6 +277,9 @@ class SlideSummary:
             "tiles_total": self.tiles_total,
             "failed_tiles": self.failed_tiles,
             "failed_area_fraction": round(self.failed_area_fraction, 6),
+            "tissue_skipped_fraction": (
+                None if self.tissue_skipped_fraction is None else round(self.tissue_skipped_fraction, 6)
+            ),
         }
         if self.blast is not None:
             row["blast_pct"] = pct(self.blast.fraction)
@@ -331,8 +337,14 @@ def summarize(
     failed_area_fraction: float = 0.0,
     tiles_total: int = 0,
     error: str | None = None,
+    tissue_skipped_fraction: float | None = None,
 ) -> SlideSummary:
-    """Aggregate per-cell class indices (into ``pipeline.taxonomy``; -1 = unclassified)."""
+    """Aggregate per-cell class indices (into ``pipeline.taxonomy``; -1 = unclassified).
+
+    ``failed_area_fraction`` is the failed tiles' share of the counted (selected) area;
+    beyond ``adequacy.max_failed_area_fraction`` the status is "partial".
+    ``tissue_skipped_fraction`` is the share of the slide the tissue mask left out.
+    """
     taxonomy = pipeline.taxonomy
     k = len(taxonomy)
     ids = np.asarray(class_ids).astype(np.int64, copy=False).ravel()
@@ -410,10 +422,19 @@ def summarize(
             f"{n_counted} cells in the differential (< {adeq.min_cells}): insufficient for a reliable count; "
             "no lineage or blast band is called"
         )
+    limit = adeq.max_failed_area_fraction
+    if adequate_cells and failed_area_fraction > limit:
+        status = STATUS_PARTIAL
     if failed_tiles:
+        partial = f" > {limit * 100:g}%: partial result" if status == STATUS_PARTIAL else ""
         notes.append(
             f"{failed_tiles} tile(s) failed and were excluded "
-            f"({failed_area_fraction * 100:.2f}% of the analysed area)"
+            f"({failed_area_fraction * 100:.2f}% of the counted area{partial})"
+        )
+    if tissue_skipped_fraction is not None and tissue_skipped_fraction > 0:
+        notes.append(
+            f"the tissue mask left out {tissue_skipped_fraction * 100:.1f}% of the slide "
+            "(no stained cells found there)"
         )
     n_unclassified = int(ids.size - n_cells)
     if n_unclassified:
@@ -446,4 +467,6 @@ def summarize(
         notes=tuple(notes),
         error=error,
         me_ratio=me,
+        max_failed_area_fraction=limit,
+        tissue_skipped_fraction=None if tissue_skipped_fraction is None else float(tissue_skipped_fraction),
     )

@@ -139,6 +139,8 @@ class Adequacy(_Frozen):
     # WHO: ≥ 200 erythroid precursors and ≥ 200 granulocytic cells before judging ≥ 10 %
     # dysplasia (megakaryocytes: min_megakaryocytes); a lineage not listed needs one cell
     min_lineage_cells: dict[str, int] = Field(default_factory=lambda: {"erythroid": 200, "granulocytic": 200})
+    # failed tiles covering more than this fraction of the counted area make the slide "partial"
+    max_failed_area_fraction: float = Field(default=0.05, ge=0, le=1)
 
     @field_validator("min_lineage_cells")
     @classmethod

@@ -523,12 +523,14 @@ class Runner:
         selected_area = sum(t.core.w * t.core.h for t in plan.tiles) or 1.0
         failed_area = sum(t.core.w * t.core.h for t in plan.tiles if t.id in failed_set)
         class_ids = store.read_column("class_id")  # one small column, not the polygons
+        w, h = plan.identity["dimensions"]  # the grid's cores tile the whole slide
         summary = summarize(
             class_ids,
             self.pipeline,
             failed_tiles=len(failed_set),
             failed_area_fraction=failed_area / selected_area,
             tiles_total=len(plan.tiles),
+            tissue_skipped_fraction=max(0.0, 1.0 - sum(t.core.w * t.core.h for t in plan.tiles) / (w * h)),
         )
         result.n_cells = len(class_ids)
         result.summary = summary.to_dict()
