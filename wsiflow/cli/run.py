@@ -251,6 +251,7 @@ def _run(
     from wsiflow.execution.cluster import ClusterOptions, connect
     from wsiflow.execution.runner import Runner, RunOptions, check_outputs, expand_inputs, prepare_output
     from wsiflow.pipeline import resolve_models
+    from wsiflow.writers.lock import output_lock
 
     inputs, notes = expand_inputs(slides)
     reporter = BarReporter(enabled=progress)
@@ -272,6 +273,8 @@ def _run(
     except OutputError as exc:
         raise _usage(str(exc)) from None
     prepare_output(out)  # before starting a cluster: an unwritable OUT fails in a second
+    with output_lock(out):  # another run writing OUT refuses here (the runner holds it for the run)
+        pass
     refs, bundles = resolve_models(pipe, device)
     for b in bundles:
         if b.card.get("demo"):

@@ -55,6 +55,7 @@ from wsiflow.tiling import Tile, TileGrid
 from wsiflow.tissue import select_tiles, tissue_mask
 from wsiflow.writers import geojson as geojson_writer
 from wsiflow.writers import summary as summary_writer
+from wsiflow.writers.lock import output_lock
 from wsiflow.writers.paths import slide_output_dir
 from wsiflow.writers.report import write_cohort_report, write_slide_report
 from wsiflow.writers.zarr_store import CellStore
@@ -311,6 +312,10 @@ class Runner:
 
     def run(self, inputs: Sequence[str]) -> list[SlideResult]:
         prepare_output(self.options.out)
+        with output_lock(self.options.out):  # one writer per output folder
+            return self._run(inputs)
+
+    def _run(self, inputs: Sequence[str]) -> list[SlideResult]:
         dirs = check_outputs(self.options, inputs)
         results: list[SlideResult] = []
         for path in inputs:
