@@ -182,3 +182,46 @@ def test_unreadable_tile_is_recorded_and_the_slide_completes(setup, embedded, tm
     found = match_centres(np.column_stack([table.x, table.y]), centres)
     assert [n for n, gone in zip(found, lost, strict=True) if not gone] == [1] * int((~lost).sum())
     assert all(n == 0 for n, gone in zip(found, lost, strict=True) if gone)
+
+
+def test_retry_failed_reruns_the_failed_tiles_of_a_finished_store(
+    setup, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tile fails for good (recorded, slide finished); ``--resume --retry-failed`` later
+    re-runs exactly that tile and ends with the uninterrupted run's cells and summary."""
+    from distributed import Client
+
+    import wsiflow.pipeline as pipeline_mod
+    from wsiflow.errors import SlideError
+
+    _, smear, _, pipe_path = setup
+    ref_out, _ = reference
+    bad = 7
+    real = pipeline_mod.process_tile
+
+    def flaky(slide, tile, pipeline, models):
+        if tile.id == bad:
+            raise SlideError(str(smear), f"tile {bad}: simulated read failure")
+        return real(slide, tile, pipeline, models)
+
+    out = tmp_path / "out"
+    # tasks run in this process (threads), so the patched function is the one they call
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        session = type("S", (), {"client": client})()
+        monkeypatch.setattr(pipeline_mod, "process_tile", flaky)
+        [res] = _runner(session, pipe_path, out).run([str(smear)])
+        assert res.ok and set(res.failed_tiles) == {bad}
+        assert _summary(out)["failed_tiles"] == 1
+        monkeypatch.setattr(pipeline_mod, "process_tile", real)
+        # a plain --resume keeps the finished store as it is
+        [res] = _runner(session, pipe_path, out, resume=True).run([str(smear)])
+        assert res.tiles_computed == [] and set(res.failed_tiles) == {bad}
+        with pytest.raises(OutputError, match="use it with --resume"):
+            _runner(session, pipe_path, out, retry_failed=True).run([str(smear)])
+        [res] = _runner(session, pipe_path, out, resume=True, retry_failed=True).run([str(smear)])
+    assert res.ok and res.tiles_computed == [bad] and not res.failed_tiles
+    assert CellStore.is_complete(out / "smear" / "cells.zarr")
+    assert not np.asarray(CellStore.open(out / "smear" / "cells.zarr", mode="r").failed).any()
+    a, b = _table(out), _table(ref_out)
+    assert np.array_equal(a.id, b.id) and np.array_equal(a.class_id, b.class_id)
+    assert _summary(out) == _summary(ref_out)

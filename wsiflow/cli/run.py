@@ -135,6 +135,9 @@ def run(
     mpp: float | None = typer.Option(None, "--mpp", help="µm per level-0 pixel, overriding the file."),
     resume: bool = typer.Option(False, "--resume", help="Continue existing outputs; skip finished tiles."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs of these slides."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="With --resume: also re-run the failed tiles of finished outputs."
+    ),
     batch_tiles: int | None = typer.Option(
         None, "--batch-tiles", help="Most tiles per task (default: the pipeline's)."
     ),
@@ -177,6 +180,7 @@ def run(
             tls_key,
             progress,
             report,
+            retry_failed,
         )
     except WsiflowError as exc:
         if debug_enabled():
@@ -216,6 +220,7 @@ def _run(
     tls_key: Path | None,
     progress: bool,
     report: bool = True,
+    retry_failed: bool = False,
 ) -> int:
     import logging
 
@@ -267,6 +272,7 @@ def _run(
         geoparquet=geoparquet,
         flush_seconds=checkpoint_seconds,
         report=report,
+        retry_failed=retry_failed,
     )
     try:
         check_outputs(options, inputs)

@@ -96,6 +96,7 @@ class RunOptions:
     geoparquet: bool = False
     flush_seconds: float = 10.0  # the store makes finished tiles durable at least this often
     report: bool = True  # OUT/<slide>/report.html and OUT/report.html
+    retry_failed: bool = False  # with resume: re-run the failed tiles of finished stores too
 
 
 @dataclass
@@ -180,6 +181,8 @@ def check_outputs(options: RunOptions, inputs: Sequence[str]) -> dict[str, Path]
     """Output folder per input; refuses existing outputs without resume/overwrite."""
     taken: set[str] = set()
     dirs = {path: slide_output_dir(options.out, path, taken) for path in inputs}
+    if options.retry_failed and not options.resume:
+        raise OutputError("--retry-failed re-runs the failed tiles of existing outputs: use it with --resume")
     if not (options.resume or options.overwrite):
         existing = [d for d in dirs.values() if d.exists()]
         if existing:
@@ -395,7 +398,9 @@ class Runner:
             store = CellStore.open(zpath, flush_seconds=self.options.flush_seconds)
             _check_resumable(store.attrs, attrs, zpath)
             if store.complete and (out_dir / "summary.json").is_file():
-                return None
+                if not (self.options.retry_failed and store.failed.any()):
+                    return None
+                store.mark_incomplete()  # its failed tiles are not done: they are re-run
             return store
         out_dir.mkdir(parents=True, exist_ok=True)
         return CellStore.create(

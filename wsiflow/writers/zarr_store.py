@@ -288,6 +288,15 @@ class CellStore:
         except OSError as exc:
             raise output_error(self.path, exc) from exc
 
+    def mark_incomplete(self) -> None:
+        """Set ``complete = False`` before adding to a finalized store (e.g. retrying its
+        failed tiles), so a run that stops half-way is not mistaken for a finished one."""
+        self._check_writable()
+        try:
+            self._group.attrs.update({"complete": False})
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+
     def close(self) -> None:
         if self.writable and self._pending_tiles:
             self.flush()
