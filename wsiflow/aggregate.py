@@ -244,6 +244,8 @@ class SlideSummary:
     me_ratio: MERatio | None = None
     max_failed_area_fraction: float = 0.05
     tissue_skipped_fraction: float | None = None  # of the tile grid's area, left out by the tissue mask
+    unreadable_tiles: int = 0  # corrupt source tiles of the file, read as white
+    unreadable_area_fraction: float = 0.0  # their area, of the counted area
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -277,6 +279,8 @@ class SlideSummary:
             "tiles_total": self.tiles_total,
             "failed_tiles": self.failed_tiles,
             "failed_area_fraction": round(self.failed_area_fraction, 6),
+            "unreadable_tiles": self.unreadable_tiles,
+            "unreadable_area_fraction": round(self.unreadable_area_fraction, 6),
             "tissue_skipped_fraction": (
                 None if self.tissue_skipped_fraction is None else round(self.tissue_skipped_fraction, 6)
             ),
@@ -338,12 +342,16 @@ def summarize(
     tiles_total: int = 0,
     error: str | None = None,
     tissue_skipped_fraction: float | None = None,
+    unreadable_tiles: int = 0,
+    unreadable_area_fraction: float = 0.0,
 ) -> SlideSummary:
     """Aggregate per-cell class indices (into ``pipeline.taxonomy``; -1 = unclassified).
 
     ``failed_area_fraction`` is the failed tiles' share of the counted (selected) area;
     beyond ``adequacy.max_failed_area_fraction`` the status is "partial".
     ``tissue_skipped_fraction`` is the share of the slide the tissue mask left out.
+    ``unreadable_area_fraction``: corrupt source tiles of the file read as white, of the
+    counted area; it counts toward "partial" with the failed area.
     """
     taxonomy = pipeline.taxonomy
     k = len(taxonomy)
@@ -423,13 +431,19 @@ def summarize(
             "no lineage or blast band is called"
         )
     limit = adeq.max_failed_area_fraction
-    if adequate_cells and failed_area_fraction > limit:
+    lost = failed_area_fraction + unreadable_area_fraction
+    if adequate_cells and lost > limit:
         status = STATUS_PARTIAL
     if failed_tiles:
         partial = f" > {limit * 100:g}%: partial result" if status == STATUS_PARTIAL else ""
         notes.append(
             f"{failed_tiles} tile(s) failed and were excluded "
             f"({failed_area_fraction * 100:.2f}% of the counted area{partial})"
+        )
+    if unreadable_tiles:
+        notes.append(
+            f"{unreadable_tiles} source tile(s) of the file could not be decoded and were read as white "
+            f"({unreadable_area_fraction * 100:.2f}% of the counted area lost)"
         )
     if tissue_skipped_fraction is not None and tissue_skipped_fraction > 0:
         notes.append(
@@ -469,4 +483,6 @@ def summarize(
         me_ratio=me,
         max_failed_area_fraction=limit,
         tissue_skipped_fraction=None if tissue_skipped_fraction is None else float(tissue_skipped_fraction),
+        unreadable_tiles=int(unreadable_tiles),
+        unreadable_area_fraction=float(unreadable_area_fraction),
     )

@@ -323,15 +323,23 @@ def _with_ids(table: CellTable, tile_id: int) -> CellTable:
 
 
 def process_batch(
-    slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs
+    slide_ref: SlideRef,
+    tiles: Sequence[Tile],
+    pipeline: Pipeline,
+    models: ModelRefs,
+    unreadable: dict[str, list[float]] | None = None,
 ) -> CellTable:
     """Segment and classify ``tiles`` of one slide; the cells they own, in tile order.
 
-    Raises :class:`~wsiflow.errors.SlideError` when the slide cannot be opened or a tile
-    cannot be read (the runner then isolates and records the failing tile).
+    A corrupt source tile of the file is read as white (only its area is lost); when
+    ``unreadable`` is given, each such tile met is added as ``"level/col/row"`` → its
+    level-0 box [x0, y0, x1, y1]. Raises :class:`~wsiflow.errors.SlideError` when the slide
+    cannot be opened or a tile cannot be read at all (the runner then isolates and records
+    the failing tile).
     """
     slide = get_slide(slide_ref)
     loaded = get_models(models, pipeline)
+    slide.unreadable.clear()
     tables: list[CellTable] = []
     for tile in tiles:
         try:
@@ -341,4 +349,7 @@ def process_batch(
         except OSError as exc:
             # a decoder or backend failure surfacing as a builtin: name the tile
             raise SlideError(slide_ref.path, f"tile {tile.id}: {type(exc).__name__}: {exc}") from exc
+    if unreadable is not None:
+        for (level, col, row), box in slide.unreadable.items():
+            unreadable[f"{level}/{col}/{row}"] = [float(v) for v in box]
     return CellTable.concat(tables, n_classes=len(pipeline.taxonomy))

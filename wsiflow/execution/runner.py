@@ -47,7 +47,7 @@ from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import MppError, OutputError, SlideError, WsiflowError
 from wsiflow.execution.geoparquet import write_geoparquet
-from wsiflow.execution.tasks import TaskError, run_batch
+from wsiflow.execution.tasks import BatchResult, TaskError, run_batch
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.pipeline import ModelRefs, SlideRef
 from wsiflow.slide import open_slide
@@ -113,6 +113,7 @@ class SlideResult:
     tiles_skipped: int = 0  # already done (resume)
     tiles_computed: list[int] = field(default_factory=list)
     failed_tiles: dict[int, str] = field(default_factory=dict)
+    unreadable: dict[str, list[float]] = field(default_factory=dict)  # corrupt source tiles read as white
     summary: dict[str, Any] | None = None
     row: dict[str, Any] | None = None  # flat summary.csv columns (SlideSummary.to_row)
     seconds: float = 0.0
@@ -474,7 +475,11 @@ class Runner:
             for fut in ac:
                 _, batch = inflight.pop(fut.key)
                 if fut.status == "finished":
-                    table: CellTable = fut.result()
+                    res: BatchResult = fut.result()
+                    table: CellTable = res.table
+                    if set(res.unreadable) - set(result.unreadable):
+                        result.unreadable.update(res.unreadable)
+                        store.update_attrs({"unreadable": result.unreadable})  # survives a crash
                     store.append(table, batch.ids)
                     result.tiles_computed.extend(batch.ids)
                     result.n_cells += len(table)
@@ -534,6 +539,8 @@ class Runner:
         failed_area = sum(t.core.w * t.core.h for t in plan.tiles if t.id in failed_set)
         class_ids = store.read_column("class_id")  # one small column, not the polygons
         w, h = plan.identity["dimensions"]  # the grid's cores tile the whole slide
+        result.unreadable = {**(store.attrs.get("unreadable") or {}), **result.unreadable}
+        lost = sum((b[2] - b[0]) * (b[3] - b[1]) for b in result.unreadable.values())
         summary = summarize(
             class_ids,
             self.pipeline,
@@ -541,6 +548,8 @@ class Runner:
             failed_area_fraction=failed_area / selected_area,
             tiles_total=len(plan.tiles),
             tissue_skipped_fraction=max(0.0, 1.0 - sum(t.core.w * t.core.h for t in plan.tiles) / (w * h)),
+            unreadable_tiles=len(result.unreadable),
+            unreadable_area_fraction=min(1.0, lost / selected_area),
         )
         result.n_cells = len(class_ids)
         result.summary = summary.to_dict()
@@ -574,6 +583,8 @@ class Runner:
                 "grid": len(plan.grid),
                 "selected": len(plan.tiles),
                 "failed": sorted(failed_set),
+                # source tiles of the file that could not be decoded (read as white): level/col/row → box
+                "unreadable_source_tiles": dict(sorted(result.unreadable.items())),
             },
             "summary": result.summary,
         }

@@ -56,6 +56,10 @@ class Backend(Protocol):
         """Make the handle usable again after a failed read (OpenSlide latches errors)."""
         ...
 
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        """The level's source tile (width, height) in level pixels, None if not tiled/known."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -131,6 +135,9 @@ class Slide:
         self._scale_xy = tuple((w0 / w, h0 / h) for w, h in self.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple((sx + sy) / 2 for sx, sy in self._scale_xy)
         self.mpp_note: str | None = None
+        # source tiles that could not be decoded, read as white: (level, col, row) → their
+        # level-0 box (x0, y0, x1, y1). Callers may clear it (e.g. per batch of grid tiles).
+        self.unreadable: dict[tuple[int, int, int], tuple[float, float, float, float]] = {}
         self.mpp: float | None
         self.mpp_source: str | None
         if mpp is not None:
@@ -239,18 +246,72 @@ class Slide:
         except SlideError:
             raise
         except Exception as exc:
-            try:
-                self._b.recover()
-            except Exception:
-                pass
-            raise SlideError(
-                self.path, f"cannot read level {level} pixels at ({x}, {y}) size {w}x{h}: {short_reason(exc)}"
-            ) from exc
+            self._recover()
+            around = self._read_around(level, x, y, w, h)
+            if around is None:
+                raise SlideError(
+                    self.path,
+                    f"cannot read level {level} pixels at ({x}, {y}) size {w}x{h}: {short_reason(exc)}",
+                ) from exc
+            rgb, ox, oy = around
         if rgb.shape[:2] != (h, w):
             raise SlideError(
                 self.path, f"backend returned {rgb.shape[:2]} for a {h}x{w} read at level {level}"
             )
         return rgb, ox, oy
+
+    def _recover(self) -> None:
+        try:
+            self._b.recover()
+        except Exception:
+            pass
+
+    def _read_around(
+        self, level: int, x: int, y: int, w: int, h: int
+    ) -> tuple[NDArray[np.uint8], float, float] | None:
+        """The rectangle read one source tile at a time after a failed read: tiles that
+        cannot be decoded are white and recorded in :attr:`unreadable`, so a corrupt tile
+        costs only its own area. None (the read fails) when the level is not tiled, or when
+        more than half of the tiles fail: that is a broken file (e.g. truncated), not a tile."""
+        size = getattr(self._b, "tile_size", lambda _level: None)(level)
+        if not size or size[0] <= 0 or size[1] <= 0:
+            return None
+        tw, th = size
+        c0, c1, r0, r1 = x // tw, (x + w - 1) // tw, y // th, (y + h - 1) // th
+        if c0 == c1 and r0 == r1:
+            return None  # one source tile: it is the one that failed
+        out = np.full((h, w, 3), 255, np.uint8)
+        sx, sy = self._scale_xy[level]
+        read_any = False
+        bad: list[tuple[int, int, int]] = []
+        for r in range(r0, r1 + 1):
+            for c in range(c0, c1 + 1):
+                px0, py0 = max(x, c * tw), max(y, r * th)
+                px1, py1 = min(x + w, (c + 1) * tw), min(y + h, (r + 1) * th)
+                try:
+                    pix, _, _ = self._b.read_level(level, px0, py0, px1 - px0, py1 - py0)
+                    rgb = to_rgb(pix)
+                    if rgb.shape[:2] != (py1 - py0, px1 - px0):
+                        raise ValueError("short read")
+                except Exception:
+                    self._recover()
+                    bad.append((level, c, r))
+                    lw, lh = self.level_dimensions[level]
+                    self.unreadable[(level, c, r)] = (
+                        c * tw * sx,
+                        r * th * sy,
+                        min((c + 1) * tw, lw) * sx,
+                        min((r + 1) * th, lh) * sy,
+                    )
+                    continue
+                out[py0 - y : py1 - y, px0 - x : px1 - x] = rgb
+                read_any = True
+        n_tiles = (c1 - c0 + 1) * (r1 - r0 + 1)
+        if not read_any or 2 * len(bad) > n_tiles:
+            for key in bad:
+                self.unreadable.pop(key, None)
+            return None
+        return out, float(x), float(y)
 
     def thumbnail(self, max_px: int = 1024) -> NDArray[np.uint8]:
         """The whole slide as RGB, longest side ``max_px`` (never upsampled); read in chunks."""
