@@ -442,3 +442,22 @@ def test_sparse_tile_reads_white_and_neighbours_intact(tmp_path: Path) -> None:
     assert (out[:256, 256:] == 255).all()
     for decoded in (out[:256, :256], out[256:]):
         assert np.abs(decoded.astype(int) - 40).max() <= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leica_bounds_are_read_as_the_qupath_offset(tmp_path: Path, backend: str) -> None:
+    """A generated Leica SCN whose main image sits at (300, 200) in its collection: level 0
+    is the collection, the bounds corner is the offset QuPath's OpenSlide server crops to."""
+    from standins import write_leica_scn
+
+    img = np.full((700, 900, 3), 230, np.uint8)
+    img[100:140, 200:260] = (120, 30, 90)
+    s = open_slide(write_leica_scn(tmp_path / "b.scn", img), backend=backend)
+    assert s.format == "leica" and s.dimensions == (1600, 1200) and s.mpp == 0.5
+    assert s.bounds_offset == (300, 200)
+    mark = s.read(300 + 200, 200 + 100, 60, 40, 0.5).reshape(-1, 3).mean(axis=0)
+    assert np.abs(mark - (120, 30, 90)).max() < 6  # the image's (200, 100) is level-0 (500, 300)
+    s.close()
+    plain = open_slide(write_pyramid_tiff(tmp_path / "p.svs", img, mpp=0.5), backend=backend)
+    assert plain.bounds_offset == (0, 0)
+    plain.close()

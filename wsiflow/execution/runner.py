@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import functools
 import glob
+import hashlib
 import logging
 import math
 import os
@@ -33,12 +34,13 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 from distributed import Client, Future, KilledWorker, as_completed
 
 from wsiflow._version import __version__
@@ -228,6 +230,23 @@ def _slide_name(path: str) -> str:
     return base or path
 
 
+def slide_uid(path: str, identity: Mapping[str, Any], head_bytes: int = 1 << 20) -> str:
+    """A short hex id of the slide itself (what seeds its cells' UUIDs): a hash of its size,
+    dimensions and first MiB (local files; a URL's path stands in), so the same slide gets
+    the same UUIDs in any output folder and under any name, and two slides never share them."""
+    h = hashlib.sha256()
+    h.update(orjson.dumps([identity.get("size_bytes"), identity.get("dimensions")]))
+    if "://" in path:
+        h.update(path.encode("utf-8"))
+    else:
+        try:
+            with open(path, "rb") as fh:
+                h.update(fh.read(head_bytes))
+        except OSError:
+            h.update(str(Path(path).resolve()).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
 def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto") -> SlidePlan:
     if "://" not in path:
         p = Path(path)
@@ -264,7 +283,10 @@ def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = 
             "vendor": slide.vendor,
             "objective_power": slide.objective_power,
             "backend": slide.backend,
+            # QuPath's frame: level-0 minus the file's bounds corner (GeoJSON is written in it)
+            "qupath_offset": list(slide.bounds_offset),
         }
+        identity["uid"] = slide_uid(path, identity)
     finally:
         slide.close()
     ref = SlideRef(path=str(identity["path"]), mpp=mpp, backend=backend)
@@ -567,7 +589,8 @@ class Runner:
                 out_dir / "cells.geojson.gz",
                 store.iter_sorted(),
                 self.pipeline.taxonomy,
-                slide_id=out_dir.name,
+                slide_id=str(plan.identity.get("uid") or out_dir.name),
+                offset=tuple(plan.identity.get("qupath_offset") or (0, 0)),
             )
         if self.options.geoparquet or self.pipeline.outputs.geoparquet:
             cells = store.read_table().sorted()  # opt-in output: pyarrow writes one table

@@ -134,6 +134,7 @@ class Slide:
         # level-0 px per level px, per axis (what the coordinates use) and averaged (as OpenSlide)
         self._scale_xy = tuple((w0 / w, h0 / h) for w, h in self.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple((sx + sy) / 2 for sx, sy in self._scale_xy)
+        self.bounds_offset: tuple[int, int] = self._bounds(backend.name)
         self.mpp_note: str | None = None
         # source tiles that could not be decoded, read as white: (level, col, row) → their
         # level-0 box (x0, y0, x1, y1). Callers may clear it (e.g. per batch of grid tiles).
@@ -146,6 +147,21 @@ class Slide:
             self.mpp, self.mpp_source = float(mpp), "override"
         else:
             self.mpp, self.mpp_source = self._metadata_mpp(backend.mpp_xy)
+
+    def _bounds(self, prefix: str) -> tuple[int, int]:
+        """Level-0 (x, y) of the scanned region's corner where the file has bounds
+        (``openslide.bounds-x/y``: MIRAX, Leica SCN, Ventana, …), else (0, 0).
+
+        QuPath's OpenSlide server crops the image to these bounds, so a point at level-0
+        (x, y) here is drawn by QuPath at (x − bounds-x, y − bounds-y)."""
+        out = []
+        for axis in ("x", "y"):
+            raw = self.properties.get(f"{prefix}.bounds-{axis}")
+            try:
+                out.append(int(float(raw)) if raw not in (None, "", "None") else 0)
+            except ValueError:
+                out.append(0)
+        return out[0], out[1]
 
     def _metadata_mpp(self, xy: tuple[object, object]) -> tuple[float | None, str | None]:
         raw = [v for v in (_raw_float(xy[0]), _raw_float(xy[1])) if v is not None]
