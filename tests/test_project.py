@@ -57,3 +57,31 @@ def test_pinned_versions_agree_with_environment_yml() -> None:
         if name == "openslide-bin":
             continue  # the wheel's version is its own; conda has the library itself
         assert conda.get(cname) == ver, f"{name}: pyproject {ver} vs environment.yml {conda.get(cname)}"
+
+
+def test_missing_shared_data_fails_where_it_is_expected(tmp_path) -> None:
+    """CI sets WSIFLOW_REQUIRE_SHARED_DATA=1: without ../shared/data the tests that need it
+    fail there instead of skipping; elsewhere they skip, visibly, with the reason."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    test = "tests/test_info_cli.py::test_info_on_the_real_slides"
+
+    def run(require: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "WSIFLOW_SHARED_DATA": str(tmp_path / "nowhere")}
+        env["WSIFLOW_REQUIRE_SHARED_DATA"] = require
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+            cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    r = run("1")
+    assert r.returncode == 1 and "1 error" in r.stdout, r.stdout
+    assert "WSIFLOW_REQUIRE_SHARED_DATA is set" in r.stdout
+    r = run("")
+    assert r.returncode == 0 and "1 skipped" in r.stdout and "shared data not found" in r.stdout, r.stdout
+    ci = (root / ".ci" / "run").read_text()
+    assert "export WSIFLOW_REQUIRE_SHARED_DATA=1" in ci
