@@ -103,7 +103,11 @@ class Segmenter(ModelRef):
 
 
 class Crop(_Frozen):
-    rule: Literal["bbox-square"] = "bbox-square"
+    """How a cell is cropped for the classifier (see :mod:`wsiflow.classify`): ``bbox-square``
+    keeps the neighbouring pixels in the square, ``bbox-zero-pad`` (the seed's rule, with
+    ``pad_um: 0``) centres the bounding box on black."""
+
+    rule: Literal["bbox-square", "bbox-zero-pad"] = "bbox-square"
     pad_um: float = Field(default=1.0, ge=0)
 
 

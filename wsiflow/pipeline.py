@@ -253,6 +253,7 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
         kept.bbox,
         pipeline.classifier.crop.pad_um / cls_mpp,
         pipeline.classifier.input_px,
+        pipeline.classifier.crop.rule,
     )
     del image
     probs = models.classifier.predict(crops)

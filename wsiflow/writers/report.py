@@ -280,15 +280,20 @@ def _zoom(
     return figures.jpeg_bytes(region, 88), box, n
 
 
-def _crop(slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float) -> NDArray[np.uint8]:
-    """The cell as the classifier saw it: bbox padded to a square, read at cls_mpp, resized."""
+def _crop(
+    slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float, rule: str = "bbox-square"
+) -> NDArray[np.uint8]:
+    """The cell as the classifier saw it: its square by the pipeline's crop ``rule`` (the
+    classifier's own :func:`~wsiflow.classify.crop_cells`), read at cls_mpp, resized."""
+    from wsiflow.classify import crop_cells
+
     scale = slide.read_level0_scale(cls_mpp)
     x0, y0, x1, y1 = (float(v) for v in bbox)
     side0 = max(x1 - x0, y1 - y0) + 2 * pad_um / float(slide.mpp)
-    n = int(np.clip(round(side0 / scale), 8, 1024))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    img = slide.read(cx - n * scale / 2, cy - n * scale / 2, n, n, cls_mpp)
-    return np.asarray(Image.fromarray(img).resize((GALLERY_PX, GALLERY_PX), Image.Resampling.BICUBIC))
+    n = int(np.clip(round(side0 / scale), 8, 1024)) + 2
+    ox, oy = (x0 + x1) / 2 - n * scale / 2, (y0 + y1) / 2 - n * scale / 2
+    img = slide.read(ox, oy, n, n, cls_mpp)
+    return crop_cells(img, (ox, oy), scale, np.asarray([bbox]), pad_um / cls_mpp, GALLERY_PX, rule)[0]
 
 
 # =========================================================================== templates
@@ -485,6 +490,7 @@ def _gallery_context(
     gal = select_gallery(cells.class_id, cells.probs, len(taxonomy), per_kind)
     cls_mpp = data.pipeline.resolution.cls_mpp if data.pipeline else 0.25
     pad_um = data.pipeline.classifier.crop.pad_um if data.pipeline else 1.0
+    rule = data.pipeline.classifier.crop.rule if data.pipeline else "bbox-square"
     codes = [c.code for c in taxonomy]
     out = []
     for k, c in enumerate(taxonomy):
@@ -501,7 +507,7 @@ def _gallery_context(
                 if slide is not None:
                     try:
                         img = figures.data_uri(
-                            figures.jpeg_bytes(_crop(slide, cells.bbox[i], cls_mpp, pad_um), 88)
+                            figures.jpeg_bytes(_crop(slide, cells.bbox[i], cls_mpp, pad_um, rule), 88)
                         )
                     except WsiflowError as exc:
                         log.debug("crop of cell %s failed: %s", cid, exc)
