@@ -5,6 +5,7 @@ Keep this file minimal and additive: several test modules depend on it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 from numpy.typing import NDArray
 
 ROOT = Path(__file__).resolve().parents[1]
+REQUIRE_SHARED_DATA = "WSIFLOW_REQUIRE_SHARED_DATA"  # "1": missing shared data fails its tests
+SHARED_DATA = "WSIFLOW_SHARED_DATA"  # another location of the shared data (default ../shared/data)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,13 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``<repo>/../shared/data``; the test is skipped when it is absent."""
-    path = ROOT.parent / "shared" / "data"
+    """``<repo>/../shared/data``; the test is skipped when it is absent, and fails instead
+    where it is expected (``WSIFLOW_REQUIRE_SHARED_DATA=1``, set by ``.ci/run``: CI always
+    has it, so a missing copy must not turn its tests into silent skips)."""
+    path = Path(os.environ.get(SHARED_DATA) or ROOT.parent / "shared" / "data")
     if not (path / "slides").is_dir():
+        if os.environ.get(REQUIRE_SHARED_DATA, "") not in ("", "0"):
+            pytest.fail(f"shared data not found at {path}, but {REQUIRE_SHARED_DATA} is set", pytrace=False)
         pytest.skip(f"shared data not found at {path}")
     return path
 

@@ -211,3 +211,58 @@ def write_smear_with_corrupt_tile(
         fh.seek(offset)
         fh.write(b"\x00" * min(count, 64))  # no SOI marker: "Not a JPEG file"
     return path, centres, (col * 128, row * 128, (col + 1) * 128, (row + 1) * 128)
+
+
+LEICA_XMLNS = "http://www.leica-microsystems.com/scn/2010/10/01"
+
+
+def write_leica_scn(
+    path: Path,
+    image: NDArray[np.uint8],
+    offset_px: tuple[int, int] = (300, 200),
+    collection_px: tuple[int, int] = (1600, 1200),
+    mpp: float = 0.5,
+) -> Path:
+    """A Leica SCN (BigTIFF + the collection XML OpenSlide and TiffSlide parse): ``image``
+    is the main image, placed at ``offset_px`` in a larger collection, plus a small macro
+    image of the whole collection. Both libraries then report ``bounds-x/y`` = ``offset_px``
+    and a level 0 the size of the collection (the main image at the offset, blank around)."""
+    import tifffile
+
+    h, w = image.shape[:2]
+    nm = round(mpp * 1000)  # "clicks" are nanometres
+    cw, ch = collection_px[0] * nm, collection_px[1] * nm
+    small = image[::4, ::4]
+    macro = np.full((collection_px[1] // 16, collection_px[0] // 16, 3), 240, np.uint8)
+    dims = [(w, h, 0), (small.shape[1], small.shape[0], 1)]
+
+    def image_xml(
+        name: str, dims: list[tuple[int, int, int]], view: tuple[int, int, int, int], obj: str
+    ) -> str:
+        dim = "".join(f'<dimension sizeX="{a}" sizeY="{b}" r="{i}" ifd="{i}"/>' for a, b, i in dims)
+        vx, vy, vw, vh = view
+        return (
+            f'<image name="{name}"><creationDate>2020-01-01T00:00:00.00Z</creationDate>'
+            '<device model="Leica SCN400;Leica SCN" version="1.5.1"/>'
+            f'<pixels sizeX="{dims[0][0]}" sizeY="{dims[0][1]}">{dim}</pixels>'
+            f'<view sizeX="{vw}" sizeY="{vh}" offsetX="{vx}" offsetY="{vy}" spacingZ="0"/>'
+            f"<scanSettings><objectiveSettings><objective>{obj}</objective></objectiveSettings>"
+            "<illuminationSettings><numericalAperture>0.7</numericalAperture>"
+            "<illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings></image>"
+        )
+
+    xml = (
+        f'<?xml version="1.0" encoding="utf-8"?><scn xmlns="{LEICA_XMLNS}">'
+        f'<collection name="wsiflow-test" sizeX="{cw}" sizeY="{ch}"><barcode>wsiflow-test</barcode>'
+        + image_xml("macro", [(macro.shape[1], macro.shape[0], 2)], (0, 0, cw, ch), "1.25")
+        + image_xml("main", dims, (offset_px[0] * nm, offset_px[1] * nm, w * nm, h * nm), "20")
+        + "</collection></scn>"
+    )
+    res = 10000 / mpp  # px per cm
+    opts = {"photometric": "rgb", "compression": "jpeg", "resolutionunit": "CENTIMETER", "metadata": None}
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(image, tile=(256, 256), description=xml, resolution=(res, res), **opts)
+        tw.write(small, tile=(256, 256), resolution=(res / 4, res / 4), **opts)
+        macro_res = res * macro.shape[1] / collection_px[0]
+        tw.write(macro, tile=(16, 16), resolution=(macro_res, macro_res), **opts)
+    return path

@@ -100,7 +100,9 @@ def test_dysplasia_summary_hand_computed(mds: Pipeline) -> None:
     # half=1.788229*sqrt(0.0011875+0.0006002)=0.0756092 -> (0.0138207, 0.1650388)
     # uncertain; 50 blasts, 260 other.
     ids = _ids(EN=70, ED=30, GN=90, GD=10, MN=38, MD=2, blast=50, other=260)
-    s = summarize(ids, mds)
+    data = mds.model_dump()
+    data["adequacy"]["min_lineage_cells"] = {"erythroid": 100, "granulocytic": 100}
+    s = summarize(ids, Pipeline.model_validate(data))
     assert s.status == "ok" and s.n_cells == 550 and s.adequate_cells
     assert s.counts == {"EN": 70, "GN": 90, "MN": 38, "ED": 30, "GD": 10, "MD": 2, "blast": 50, "other": 260}
     lin = {x.lineage: x for x in s.lineages}
@@ -114,7 +116,9 @@ def test_dysplasia_summary_hand_computed(mds: Pipeline) -> None:
     assert s.megakaryocytes == 40 and s.adequate_megakaryocytes
     assert meg.fraction == 0.05 and meg.flag == "uncertain"
     assert (meg.ci_low, meg.ci_high) == pytest.approx((0.0138207, 0.1650388), abs=1e-6)
-    assert s.blast is not None and s.blast.fraction == 50 / 550 and s.blast.band == "5–9%"
+    # megakaryocytes are left out of the differential: 50 blasts / 510 cells
+    assert s.n_counted == 510 and s.blast is not None and s.blast.nucleated == 510
+    assert s.blast.fraction == 50 / 510 and s.blast.band == "5–9%"
     d = s.to_dict()
     json.dumps(d)  # JSON-ready
     assert d["lineages"][0]["total"] == 100
@@ -188,8 +192,158 @@ def test_differential_mode_from_the_taxonomy() -> None:
     s = summarize(ids, p)
     assert s.mode == "differential" and s.lineages == ()
     neu = s.classes[0]
-    assert (neu.code, neu.count, neu.fraction) == ("neu", 60, 0.30)
-    # 60/200: centre=0.3096037/1.0192073=0.3037691, half=1.923037*0.0327721=0.0630219
-    assert (neu.ci_low, neu.ci_high) == pytest.approx((0.2407474, 0.3667907), abs=1e-6)
-    assert s.n_nucleated == 100
+    # platelets are not nucleated: the differential is over the 100 nucleated cells
+    assert (neu.code, neu.count, neu.fraction) == ("neu", 60, 0.60)
+    assert (neu.ci_low, neu.ci_high) == pytest.approx(wilson_interval(60, 100), abs=1e-12)
+    assert s.n_nucleated == 100 and s.classes[3].fraction is None
     assert s.blast is not None and s.blast.fraction == 0.10 and s.blast.band == "10–19%"
+
+
+# --------------------------------------------------------------------------- issue 15: counting rules
+
+
+def _pb_like() -> Pipeline:
+    data = load_pipeline("mds").model_dump()
+    data["mode"] = "differential"
+    data["name"] = "pb"
+    data["taxonomy"] = [
+        {"code": "neu", "name": "Neutrophil", "lineage": "granulocytic", "color": [0, 0, 255]},
+        {"code": "lym", "name": "Lymphocyte", "lineage": "lymphoid", "color": [0, 255, 0]},
+        {
+            "code": "plt",
+            "name": "Platelet",
+            "lineage": "megakaryocytic",
+            "nucleated": False,
+            "color": [9] * 3,
+        },
+    ]
+    return Pipeline.model_validate(data)
+
+
+def test_differential_divides_by_nucleated_cells_not_platelets() -> None:
+    # 60 neutrophils + 40 lymphocytes + 100 platelets: neutrophils are 60 % of the differential
+    s = summarize(np.array([0] * 60 + [1] * 40 + [2] * 100), _pb_like())
+    neu, lym, plt = s.classes
+    assert neu.fraction == 0.60 and lym.fraction == 0.40
+    assert (neu.ci_low, neu.ci_high) == pytest.approx(wilson_interval(60, 100), abs=1e-12)
+    assert plt.count == 100 and plt.fraction is None and not plt.in_differential
+    assert s.n_counted == 100 and s.n_cells == 200
+
+
+def test_adequacy_counts_nucleated_cells_only() -> None:
+    # 300 nucleated + 300 platelets is not a 500-cell differential
+    s = summarize(np.array([0] * 200 + [1] * 100 + [2] * 300), _pb_like())
+    assert s.n_counted == 300 and not s.adequate_cells and s.status == "insufficient cells"
+
+
+def test_megakaryocytes_are_left_out_of_the_blast_denominator_by_default(mds: Pipeline) -> None:
+    s = summarize(_ids(blast=50, other=450, MN=90, MD=10), mds)
+    assert s.denominator_rule == "nucleated-without-megakaryocytes"
+    assert s.n_counted == 500 and s.adequate_cells
+    assert s.blast is not None and s.blast.nucleated == 500 and s.blast.fraction == 0.10
+    mn = next(c for c in s.classes if c.code == "MN")
+    assert mn.fraction is None and mn.count == 90
+    assert s.to_row()["denominator_rule"] == "nucleated-without-megakaryocytes"
+    assert "megakaryocytes" in s.denominator_description
+
+
+def test_denominator_rule_is_configurable(mds: Pipeline) -> None:
+    data = mds.model_dump()
+    data["counting"] = {"denominator": "nucleated"}
+    p = Pipeline.model_validate(data)
+    s = summarize(_ids(blast=50, other=450, MN=90, MD=10), p)
+    assert s.denominator_rule == "nucleated"
+    assert s.n_counted == 600 and s.blast is not None and s.blast.fraction == 50 / 600
+
+
+def test_me_ratio_with_its_interval(mds: Pipeline) -> None:
+    # granulocytic 300 : erythroid 100 -> 3.0; interval from the Wilson interval of 300/400
+    s = summarize(_ids(GN=270, GD=30, EN=90, ED=10, other=100), mds)
+    me = s.me_ratio
+    assert me is not None and (me.myeloid, me.erythroid) == (300, 100) and me.ratio == 3.0
+    lo, hi = wilson_interval(300, 400)
+    assert (me.ci_low, me.ci_high) == pytest.approx((lo / (1 - lo), hi / (1 - hi)), abs=1e-12)
+    assert me.ci_low < 3.0 < me.ci_high
+    assert s.to_row()["me_ratio"] == 3.0
+    # no erythroid cells: the ratio is undefined, not infinite
+    s = summarize(_ids(GN=300, other=300), mds)
+    assert s.me_ratio is not None and s.me_ratio.ratio is None and s.me_ratio.ci_high is None
+    json.dumps(s.to_dict())
+
+
+def test_a_lineage_call_needs_the_lineage_minimum(mds: Pipeline) -> None:
+    # 3 dysplastic of 5 erythroid cells: Wilson 0.23-0.88, but 5 < 200 erythroid precursors
+    s = summarize(_ids(EN=2, ED=3, GN=190, GD=10, other=400), mds)
+    assert s.status == "ok"
+    ery = next(x for x in s.lineages if x.lineage == "erythroid")
+    assert ery.fraction == 0.6 and ery.ci_low == pytest.approx(0.2307, abs=1e-4)
+    assert ery.flag == "insufficient" and ery.minimum == 200
+    gra = next(x for x in s.lineages if x.lineage == "granulocytic")
+    assert gra.total == 200 and gra.flag == "not met" and gra.minimum == 200  # 200 is enough
+    assert any("erythroid: 5 cells (< 200)" in n for n in s.notes)
+    assert s.to_row()["erythroid_flag"] == "insufficient"
+
+
+def test_lineage_minimums_are_configurable(mds: Pipeline) -> None:
+    data = mds.model_dump()
+    data["adequacy"]["min_lineage_cells"] = {"erythroid": 5}
+    p = Pipeline.model_validate(data)
+    s = summarize(_ids(EN=2, ED=3, other=600), p)
+    assert next(x for x in s.lineages if x.lineage == "erythroid").flag == "met"
+    assert p.adequacy.lineage_minimum("granulocytic") == 0  # not listed: no minimum but one cell
+    assert p.adequacy.lineage_minimum("megakaryocytic") == 30  # adequacy.min_megakaryocytes
+
+
+def test_an_insufficient_slide_calls_no_lineage(mds: Pipeline) -> None:
+    # 250 erythroid cells, 30 % dysplastic, would be "met" — but the slide has 250 < 500 cells
+    s = summarize(_ids(EN=175, ED=75), mds)
+    assert s.status == "insufficient cells"
+    assert all(x.flag == "insufficient" for x in s.lineages)
+    assert s.lineages[0].fraction == 0.3  # the fraction is still reported
+    assert s.blast is not None and s.blast.call == "insufficient"
+
+
+def test_blast_band_straddling_a_cut_is_uncertain(mds: Pipeline) -> None:
+    # 23 / 500 = 4.6 %, interval 3.1-6.8 %: "<5%" by the estimate, but it straddles 5 %
+    s = summarize(_ids(blast=23, other=477), mds)
+    b = s.blast
+    assert b is not None and b.fraction == 0.046
+    assert (b.ci_low, b.ci_high) == pytest.approx((0.0308, 0.0681), abs=1e-4)
+    assert b.band == "<5%" and b.band_low == "<5%" and b.band_high == "5–9%"
+    assert b.call == "uncertain between bands"
+    assert s.to_row()["blast_call"] == "uncertain between bands"
+    # well inside a band: the call is the band
+    s = summarize(_ids(blast=750, other=4250), mds)  # 15 %, interval 14.0-16.0 %
+    assert s.blast is not None and s.blast.call == "10–19%" == s.blast.band
+    assert s.blast.icc_band == "MDS/AML (10–19%)"
+    assert s.blast.who_category == "MDS-IB2 (10–19%)"
+
+
+def test_icc_band_only_for_the_who_icc_cuts(mds: Pipeline) -> None:
+    data = mds.model_dump()
+    data["who"]["blast_bands"] = [0.02, 0.05]
+    p = Pipeline.model_validate(data)
+    s = summarize(_ids(blast=10, other=490), p)
+    assert s.blast is not None and s.blast.icc_band is None and s.blast.who_category is None
+    assert s.blast.band == "2–4%"
+
+
+def test_failed_area_above_the_limit_makes_the_slide_partial(mds: Pipeline) -> None:
+    ids = _ids(EN=300, GN=300, other=100)
+    s = summarize(ids, mds, failed_tiles=1, failed_area_fraction=0.05, tiles_total=20)
+    assert s.status == "ok"  # 5 % is the limit, not beyond it
+    s = summarize(ids, mds, failed_tiles=2, failed_area_fraction=0.10, tiles_total=20)
+    assert s.status == "partial" and s.max_failed_area_fraction == 0.05
+    assert s.to_row()["status"] == "partial" and s.to_row()["failed_area_fraction"] == 0.1
+    assert any("10.00% of the counted area" in n and "partial" in n for n in s.notes)
+    data = mds.model_dump()
+    data["adequacy"]["max_failed_area_fraction"] = 0.2
+    assert summarize(ids, Pipeline.model_validate(data), 2, 0.10, 20).status == "ok"
+    # too few cells stays "insufficient cells" whatever failed
+    assert summarize(_ids(EN=10), mds, 2, 0.5, 4).status == "insufficient cells"
+
+
+def test_tissue_skipped_fraction_is_reported(mds: Pipeline) -> None:
+    s = summarize(np.zeros(0, np.int16), mds, tiles_total=3, tissue_skipped_fraction=0.97)
+    assert s.tissue_skipped_fraction == 0.97 and s.to_row()["tissue_skipped_fraction"] == 0.97
+    assert any("97.0% of the slide" in n for n in s.notes)

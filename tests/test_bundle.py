@@ -133,8 +133,7 @@ def test_taxonomy_mismatch_refused() -> None:
 
 def test_shipped_pbc8_verifies() -> None:
     weights = Path(__file__).resolve().parents[1] / "wsiflow" / "weights" / "pbc8.safetensors"
-    if not weights.is_file():
-        pytest.skip("pbc8 not shipped yet")
+    assert weights.is_file()  # shipped: a missing bundle is a failure, not a skip
     b = ModelBundle.load("pbc8")
     assert b.task == "classifier" and len(b.class_codes) == 8
     assert b.weights_path.stat().st_size < 60e6

@@ -51,6 +51,46 @@ def test_outside_the_image_is_zero_padded() -> None:
     np.testing.assert_array_equal(crops[1, :10, :10], img[90:100, 110:120])
 
 
+def test_bbox_zero_pad_is_the_box_on_black() -> None:
+    """The seed's rule: the (padded) bounding box centred on a black square, no neighbours."""
+    img = _image()
+    bbox = np.array([[40, 30, 60, 40]])  # 20 wide, 10 high, centre (50, 35)
+    crop = crop_cells(img, (0.0, 0.0), 1.0, bbox, pad_px=0, out_px=20, rule="bbox-zero-pad")[0]
+    np.testing.assert_array_equal(crop[5:15], img[30:40, 40:60])  # the box, centred
+    assert (crop[:5] == 0).all() and (crop[15:] == 0).all()  # black, not the rows around it
+    square = crop_cells(img, (0.0, 0.0), 1.0, bbox, pad_px=0, out_px=20)[0]
+    assert not (square[:5] == 0).all()  # bbox-square keeps the neighbouring rows
+    padded = crop_cells(img, (0.0, 0.0), 1.0, bbox, pad_px=2, out_px=24, rule="bbox-zero-pad")[0]
+    np.testing.assert_array_equal(padded[5:19], img[28:42, 38:62])
+    assert (padded[:5] == 0).all() and (padded[19:] == 0).all()
+    with pytest.raises(ValueError, match="unknown crop rule"):
+        crop_cells(img, (0.0, 0.0), 1.0, bbox, 0, 20, rule="stretch")
+
+
+def test_the_pipeline_config_takes_both_crop_rules() -> None:
+    from wsiflow.config import Crop
+
+    assert Crop().rule == "bbox-square"
+    assert Crop(rule="bbox-zero-pad", pad_um=0).rule == "bbox-zero-pad"
+
+
+def test_training_images_are_squared_not_stretched(tmp_path: Path) -> None:
+    """train/data.py used to stretch a non-square field to a square; now it is centred on
+    black, the square a crop rule makes, then resized."""
+    from PIL import Image
+
+    from wsiflow.train.data import load_image
+
+    field = np.full((40, 80, 3), 200, np.uint8)
+    field[:, :40] = (10, 20, 30)
+    Image.fromarray(field).save(tmp_path / "f.png")
+    got = load_image(tmp_path / "f.png", 80)
+    assert got.shape == (80, 80, 3)
+    assert (got[:18] == 0).all() and (got[62:] == 0).all()  # black above and below the 40-px field
+    assert np.abs(got[25:55, 5:35].astype(int) - (10, 20, 30)).max() <= 1
+    assert np.abs(got[25:55, 45:75].astype(int) - 200).max() <= 1
+
+
 def test_resize_and_empty() -> None:
     img = _image()
     crops = crop_cells(img, (0.0, 0.0), 1.0, np.array([[10, 10, 50, 50]]), pad_px=0, out_px=80)

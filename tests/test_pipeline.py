@@ -160,3 +160,27 @@ def test_unreadable_tile_is_a_tile_error(shared_data: Path, standin_models) -> N
     assert exc.value.scope == "tile"
     clear_caches()
 
+
+def test_process_tile_crops_by_the_pipelines_rule(smear, standin_models, monkeypatch) -> None:
+    """classifier.crop.rule reaches the crops the classifier is fed."""
+    import wsiflow.crops as crops
+
+    seen: list[tuple[str, np.ndarray]] = []
+    real = crops.crop_cells
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((args[6] if len(args) > 6 else kwargs.get("rule", "bbox-square"), out))
+        return out
+
+    monkeypatch.setattr(crops, "crop_cells", spy)
+    data = standin_pipeline(*standin_models, tile_um=TILE_UM_A)
+    data["classifier"]["crop"] = {"rule": "bbox-zero-pad", "pad_um": 0.0}
+    pipe = parse_pipeline(data)
+    refs, _ = resolve_models(pipe, "cpu")
+    ref = SlideRef(str(smear[0]))
+    s = get_slide(ref)
+    grid = TileGrid.from_pipeline(*s.dimensions, s.mpp, pipe)
+    table = process_batch(s, grid.tiles[:4], pipe, get_models(refs, pipe))
+    assert len(table) == sum(len(c) for _, c in seen) > 0
+    assert {rule for rule, _ in seen} == {"bbox-zero-pad"}

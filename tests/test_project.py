@@ -116,3 +116,31 @@ def test_architecture_doc_is_linked_and_names_every_module() -> None:
     assert not missing, f"docs/architecture.md does not place: {missing}"
     for path in re.findall(r"`wsiflow/([a-z_]+)/`", doc):
         assert (ROOT / "wsiflow" / path).is_dir(), path
+
+
+def test_missing_shared_data_fails_where_it_is_expected(tmp_path) -> None:
+    """CI sets WSIFLOW_REQUIRE_SHARED_DATA=1: without ../shared/data the tests that need it
+    fail there instead of skipping; elsewhere they skip, visibly, with the reason."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    test = "tests/test_info_cli.py::test_info_on_the_real_slides"
+
+    def run(require: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "WSIFLOW_SHARED_DATA": str(tmp_path / "nowhere")}
+        env["WSIFLOW_REQUIRE_SHARED_DATA"] = require
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+            cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    r = run("1")
+    assert r.returncode == 1 and "1 error" in r.stdout, r.stdout
+    assert "WSIFLOW_REQUIRE_SHARED_DATA is set" in r.stdout
+    r = run("")
+    assert r.returncode == 0 and "1 skipped" in r.stdout and "shared data not found" in r.stdout, r.stdout
+    ci = (root / ".ci" / "run").read_text()
+    assert "export WSIFLOW_REQUIRE_SHARED_DATA=1" in ci

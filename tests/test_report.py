@@ -169,7 +169,7 @@ def test_inadequate_slide_and_cohort_page(run) -> None:
     tiny = run["pages"]["tiny"].read_text(encoding="utf-8")
     ts = run["tiny_summary"]
     assert ts["status"] == "insufficient cells" and ts["n_cells"] == 80
-    assert "80 cells counted (&lt; 500): insufficient for a reliable count" in tiny
+    assert f"{ts['n_counted']} cells in the differential (&lt; 500): insufficient" in tiny
     assert "below 500" in tiny
 
     html = run["pages"]["cohort"].read_text(encoding="utf-8")
@@ -255,7 +255,7 @@ def test_report_without_summary_json_and_with_zero_cells(run, tmp_path: Path) ->
     )
     assert es["n_cells"] == 0 and es["status"] == "insufficient cells"
     page = write_slide_report(empty).read_text(encoding="utf-8")
-    assert "0 cells counted" in page and "no cells were found" in page and 'id="overview"' in page
+    assert "0 cells in the differential" in page and "no cells were found" in page and 'id="overview"' in page
 
 
 def test_cli_report_regenerates_from_saved_results(run, tmp_path: Path) -> None:
@@ -326,3 +326,24 @@ def test_report_html_renders_in_headless_chromium(run, tmp_path: Path) -> None:
     # the first numeric cell of each row is its cell count; ascending, the failed slide last
     order = re.findall(r'<tr[^>]*>.*?<td class="num" data-sort="([^"]*)"', body, re.S)
     assert order == ["80.0", f"{run['summary']['n_cells']:.1f}", ""], order
+
+
+def test_slide_report_names_the_denominator_rule_and_the_me_ratio(run) -> None:
+    html = run["pages"]["smear"].read_text(encoding="utf-8")
+    s = run["summary"]
+    assert s["denominator_rule"] == "nucleated-without-megakaryocytes"
+    assert "<code>nucleated-without-megakaryocytes</code>" in html
+    assert "megakaryocytes are assessed apart" in html
+    me = s["me_ratio"]
+    assert me is not None and me["ratio"] is not None
+    assert f'id="me-ratio">{me["ratio"]:.2f}' in html
+
+
+def test_slide_report_shows_the_blast_call_icc_beside_who_and_the_genetics_note(run) -> None:
+    html = run["pages"]["smear"].read_text(encoding="utf-8")
+    b = run["summary"]["blast"]
+    assert f'id="blast-call">Call: <b>{b["call"]}</b>' in html
+    assert f'id="blast-who">{b["who_category"]}<' in html and f'id="blast-icc">{b["icc_band"]}<' in html
+    assert "AML-defining genetic abnormalities have no blast cut-off" in html
+    tiny = run["pages"]["tiny"].read_text(encoding="utf-8")
+    assert 'id="blast-call">Call: <b>insufficient</b>' in tiny

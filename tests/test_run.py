@@ -103,6 +103,10 @@ def test_embedded_run_writes_everything_and_reports_bad_slides(setup, embedded) 
         assert len(f["properties"]["classification"]["color"]) == 3
         ring = f["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) >= 4
+    # the same slide in two output folders: the same cell UUIDs (seeded from the slide itself)
+    with gzip.open(dirs[1] / "cells.geojson.gz") as fh:
+        assert [f["id"] for f in orjson.loads(fh.read())["features"]] == [f["id"] for f in gj["features"]]
+    assert doc["slide"]["qupath_offset"] == [0, 0]  # no bounds in an SVS
     # the HTML reports: one per good slide, and the cohort page listing the errors
     assert (out / "smear" / "report.html").is_file() and (dirs[1] / "report.html").is_file()
     cohort = (out / "report.html").read_text()

@@ -169,5 +169,12 @@ def test_segmenter_end_to_end_shapes(tmp_path: Path) -> None:
     assert cell.shape == (45, 67) and nuc is not None and nuc.shape == (45, 67)
     table, edge = seg.segment(rgb, (10.0, 20.0), 2.0, 0.5)
     assert len(table) == len(edge)
-    if len(table):
-        assert (table.x >= 10).all() and (table.x <= 10 + 67 * 2).all()
+    # the untrained net may find nothing in noise: check the image → level-0 mapping on a
+    # known probability map (one disc on image pixel (30, 20), centre at 30.5, 20.5), never vacuously
+    disc = discs((45, 67), [(30.0, 20.0, 8.0)])
+    seg.probability_maps = lambda rgb, mpp=None: (disc, None)  # type: ignore[method-assign]
+    table, edge = seg.segment(rgb, (10.0, 20.0), 2.0, 0.5)
+    assert len(table) == 1 and not edge[0]
+    assert table.x[0] == pytest.approx(10 + 2 * 30.5, abs=0.01)
+    assert table.y[0] == pytest.approx(20 + 2 * 20.5, abs=0.01)
+    assert (table.poly_xy[:, 0] >= 10).all() and (table.poly_xy[:, 0] <= 10 + 67 * 2).all()

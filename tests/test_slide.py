@@ -273,6 +273,30 @@ def test_corrupt_tile_fails_that_read_only(
     assert np.array_equal(s.read(0, 0, 64, 64, 0.25), good)  # the handle still works afterwards
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_source_tile_costs_only_its_own_area(
+    generated_slides: GeneratedSlides, tmp_path: Path, backend: str
+) -> None:
+    """A read spanning a corrupt 256-px tile reads around it: that tile is white and recorded
+    (level, col, row) → level-0 box; every other pixel is what the intact file gives."""
+    path = tmp_path / "corrupt.svs"
+    _corrupt_tile(generated_slides.svs_jpeg, path, tile_index=5)  # row 1, col 0
+    s = open_slide(path, backend=backend)
+    intact = open_slide(generated_slides.svs_jpeg, backend=backend)
+    x, y, w, h = 100, 200, 400, 400  # over tiles (0..1, 0..2): the corrupt one among them
+    img, ref = s.read(x, y, w, h, s.mpp), intact.read(x, y, w, h, s.mpp)
+    assert s.unreadable == {(0, 0, 1): (0.0, 256.0, 256.0, 512.0)}
+    lost = np.zeros((h, w), bool)
+    lost[256 - y : 512 - y, : 256 - x] = True
+    assert (img[lost] == 255).all()
+    assert np.array_equal(img[~lost], ref[~lost])
+    s.unreadable.clear()
+    assert np.array_equal(s.read(300, 0, 64, 64, s.mpp), intact.read(300, 0, 64, 64, s.mpp))
+    assert s.unreadable == {}  # reads not touching it record nothing
+    s.close()
+    intact.close()
+
+
 def _bad_files(d: Path, generated: GeneratedSlides) -> dict[str, tuple[Path, str]]:
     """name -> (path, expected message fragment)."""
     files: dict[str, tuple[Path, str]] = {}
@@ -418,3 +442,22 @@ def test_sparse_tile_reads_white_and_neighbours_intact(tmp_path: Path) -> None:
     assert (out[:256, 256:] == 255).all()
     for decoded in (out[:256, :256], out[256:]):
         assert np.abs(decoded.astype(int) - 40).max() <= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leica_bounds_are_read_as_the_qupath_offset(tmp_path: Path, backend: str) -> None:
+    """A generated Leica SCN whose main image sits at (300, 200) in its collection: level 0
+    is the collection, the bounds corner is the offset QuPath's OpenSlide server crops to."""
+    from standins import write_leica_scn
+
+    img = np.full((700, 900, 3), 230, np.uint8)
+    img[100:140, 200:260] = (120, 30, 90)
+    s = open_slide(write_leica_scn(tmp_path / "b.scn", img), backend=backend)
+    assert s.format == "leica" and s.dimensions == (1600, 1200) and s.mpp == 0.5
+    assert s.bounds_offset == (300, 200)
+    mark = s.read(300 + 200, 200 + 100, 60, 40, 0.5).reshape(-1, 3).mean(axis=0)
+    assert np.abs(mark - (120, 30, 90)).max() < 6  # the image's (200, 100) is level-0 (500, 300)
+    s.close()
+    plain = open_slide(write_pyramid_tiff(tmp_path / "p.svs", img, mpp=0.5), backend=backend)
+    assert plain.bounds_offset == (0, 0)
+    plain.close()

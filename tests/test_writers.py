@@ -331,6 +331,19 @@ def test_geojson_features_follow_qupath_rules(tmp_path: Path) -> None:
     assert len(ids) == n
 
 
+def test_geojson_offset_moves_polygons_into_the_qupath_frame(tmp_path: Path) -> None:
+    """A slide with bounds (OpenSlide's ``bounds-x/y``): every vertex minus the offset."""
+    t = make_table(0, 12)
+    write_geojson(tmp_path / "a.geojson.gz", [t], TAXONOMY, slide_id="s", offset=(300, 200))
+    write_geojson(tmp_path / "b.geojson.gz", [t], TAXONOMY, slide_id="s")
+    a, b = _load(tmp_path / "a.geojson.gz"), _load(tmp_path / "b.geojson.gz")
+    for fa, fb, i in zip(a["features"], b["features"], range(len(t)), strict=True):
+        ra, rb = np.array(fa["geometry"]["coordinates"][0]), np.array(fb["geometry"]["coordinates"][0])
+        assert np.abs(ra[:-1] - (t.polygon(i) - [300, 200])).max() <= 0.5 * 10.0**-COORD_DECIMALS + 1e-6
+        assert np.allclose(ra, rb - [300, 200], atol=0.02)
+        assert fa["id"] == fb["id"] and fa["properties"] == fb["properties"]
+
+
 def test_geojson_percent_signs_in_names(tmp_path: Path) -> None:
     from wsiflow.config import ClassDef
 
@@ -615,7 +628,7 @@ def test_slide_record_round_trips_through_summary_json(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "summary.json").read_text())
     keys = ["wsiflow_version", "slide", "pipeline", "models", "tissue_fraction", "tiles", "summary"]
     assert list(doc) == keys and rec.summary is not None and doc["summary"] == rec.summary.to_dict()
-    assert doc["tiles"] == {"grid": 12, "selected": 8, "failed": [3]}
+    assert doc["tiles"] == {"grid": 12, "selected": 8, "failed": [3], "unreadable_source_tiles": {}}
     assert SlideRecord.from_json(doc, output=rec.output) == rec
 
 

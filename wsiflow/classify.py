@@ -1,6 +1,6 @@
 """Cell crops → class probabilities with a classifier bundle.
 
-The crops come from :func:`wsiflow.crops.crop_cells` (the paper's ``bbox-square`` rule,
+The crops come from :func:`wsiflow.crops.crop_cells` (``classifier.crop.rule``,
 torch-free). :class:`Classifier` runs the bundle's network on such crops in batches
 (channels_last, ``torch.inference_mode``, autocast on CUDA only).
 """

@@ -103,7 +103,11 @@ class Segmenter(ModelRef):
 
 
 class Crop(_Frozen):
-    rule: Literal["bbox-square"] = "bbox-square"
+    """How a cell is cropped for the classifier (see :mod:`wsiflow.classify`): ``bbox-square``
+    keeps the neighbouring pixels in the square, ``bbox-zero-pad`` (the seed's rule, with
+    ``pad_um: 0``) centres the bounding box on black."""
+
+    rule: Literal["bbox-square", "bbox-zero-pad"] = "bbox-square"
     pad_um: float = Field(default=1.0, ge=0)
 
 
@@ -127,9 +131,59 @@ class Who(_Frozen):
 
 
 class Adequacy(_Frozen):
+    """How many cells a count and a call need (DESIGN §5 "SlideSummary").
+
+    ``min_cells`` applies to the cells of the differential (``counting.denominator``): by
+    default nucleated cells without megakaryocytes, ICSH's 500-cell count.
+    """
+
     min_cells: int = Field(default=500, ge=0)
     min_megakaryocytes: int = Field(default=30, ge=0)
     megakaryocytic_lineage: str = "megakaryocytic"
+    # WHO: ≥ 200 erythroid precursors and ≥ 200 granulocytic cells before judging ≥ 10 %
+    # dysplasia (megakaryocytes: min_megakaryocytes); a lineage not listed needs one cell
+    min_lineage_cells: dict[str, int] = Field(default_factory=lambda: {"erythroid": 200, "granulocytic": 200})
+    # failed tiles covering more than this fraction of the counted area make the slide "partial"
+    max_failed_area_fraction: float = Field(default=0.05, ge=0, le=1)
+
+    @field_validator("min_lineage_cells")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(k for k, n in v.items() if n < 0)
+        if bad:
+            raise ValueError(f"minimums must be ≥ 0 ({', '.join(bad)})")
+        return v
+
+    def lineage_minimum(self, lineage: str) -> int:
+        """Cells of ``lineage`` a dysplasia call needs."""
+        if lineage == self.megakaryocytic_lineage:
+            return self.min_megakaryocytes
+        return self.min_lineage_cells.get(lineage, 0)
+
+
+DENOMINATOR_RULES: dict[str, str] = {
+    "nucleated-without-megakaryocytes": (
+        "nucleated cells without megakaryocytes (platelets and other non-nucleated objects "
+        "left out; megakaryocytes are assessed apart)"
+    ),
+    "nucleated": (
+        "all nucleated cells, megakaryocytes included (platelets and other non-nucleated objects left out)"
+    ),
+}
+
+
+class Counting(_Frozen):
+    """The differential's denominator and the M:E ratio's lineages.
+
+    ``denominator`` names the cells the differential percentages, the blast % and the
+    ``adequacy.min_cells`` count are taken over (see :data:`DENOMINATOR_RULES`);
+    megakaryocytes are the classes of ``adequacy.megakaryocytic_lineage``.
+    ``me_ratio`` is (myeloid lineage, erythroid lineage), or null where an M:E ratio makes
+    no sense (peripheral blood).
+    """
+
+    denominator: Literal["nucleated-without-megakaryocytes", "nucleated"] = "nucleated-without-megakaryocytes"
+    me_ratio: tuple[str, str] | None = ("granulocytic", "erythroid")
 
 
 class Outputs(_Frozen):
@@ -150,6 +204,7 @@ class Pipeline(_Frozen):
     classifier: Classifier
     who: Who = Who()
     adequacy: Adequacy = Adequacy()
+    counting: Counting = Counting()
     outputs: Outputs = Outputs()
 
     @field_validator("taxonomy")

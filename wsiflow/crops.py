@@ -1,11 +1,16 @@
-"""The crop rule (``bbox-square``, the paper's): torch-free, one place for every user.
+"""The crop rules: torch-free, one place for every user (``classifier.crop.rule``).
 
-:func:`square_box` pads a cell's bounding box by ``pad_px`` on every side and takes the
-integer square around its centre; :func:`crop_cells` cuts those squares out of an image
-read at the classifier's µm/px, zero-pads whatever falls outside it and resizes them to
-the network input. The classifier (:mod:`wsiflow.pipeline.batch`), the generated training
-crops (:mod:`wsiflow.synth.crops`) and the report's gallery (:mod:`wsiflow.writers.report`)
-all use this rule, so a gallery shows the cell as the classifier saw it.
+* ``bbox-square`` (wsiflow's default): the cell's bounding box plus ``pad_um`` on every
+  side, made square around its centre *with the neighbouring pixels* (context), black only
+  where the square leaves the image, resized to the network input;
+* ``bbox-zero-pad`` (the seed's published code, Lee et al. 2022): the bounding box (plus
+  ``pad_um``; 0 gives the seed's crop exactly) centred on a black square, so nothing
+  around the cell is seen, resized to the network input.
+
+Neither is a stretch: a non-square box is never resized to a square. The classifier
+(:mod:`wsiflow.pipeline.batch`), the generated training crops (:mod:`wsiflow.synth.crops`)
+and the report's gallery (:mod:`wsiflow.writers.report`) all use these rules, so a gallery
+shows the cell as the classifier saw it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["crop_cells", "square_box"]
+__all__ = ["CROP_RULES", "crop_cells", "square_box"]
+
+CROP_RULES = ("bbox-square", "bbox-zero-pad")
 
 
 def square_box(bbox_img: np.ndarray, pad_px: float) -> tuple[int, int, int]:
@@ -34,8 +41,9 @@ def crop_cells(
     bboxes: np.ndarray,
     pad_px: float,
     out_px: int,
+    rule: str = "bbox-square",
 ) -> np.ndarray:
-    """Square, zero-padded crops of each cell, resized to ``out_px`` → uint8 (n, out_px, out_px, 3).
+    """Square crops of each cell by ``rule``, resized to ``out_px`` → uint8 (n, out_px, out_px, 3).
 
     ``image`` is RGB read at the classifier's µm/px, its top-left at level-0 ``origin_xy``;
     ``scale`` is level-0 px per image px; ``bboxes`` are level-0 (x0, y0, x1, y1);
@@ -45,6 +53,8 @@ def crop_cells(
         raise ValueError(f"image must be (h, w, 3) RGB, got shape {image.shape}")
     if scale <= 0:
         raise ValueError("scale must be positive")
+    if rule not in CROP_RULES:
+        raise ValueError(f"unknown crop rule {rule!r} (known: {', '.join(CROP_RULES)})")
     boxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
     out = np.zeros((len(boxes), out_px, out_px, 3), dtype=np.uint8)
     h, w = image.shape[:2]
@@ -55,8 +65,17 @@ def crop_cells(
         )
         left, top, side = square_box(img_box, pad_px)
         canvas = np.zeros((side, side, 3), dtype=np.uint8)
-        sx0, sy0 = max(left, 0), max(top, 0)
-        sx1, sy1 = min(left + side, w), min(top + side, h)
+        if rule == "bbox-square":  # the square's own pixels: the cell and its neighbourhood
+            sx0, sy0, sx1, sy1 = left, top, left + side, top + side
+        else:  # bbox-zero-pad: only the (padded) bounding box, centred on black
+            sx0 = math.floor(img_box[0] - pad_px + 0.5)
+            sy0 = math.floor(img_box[1] - pad_px + 0.5)
+            sx1 = max(sx0 + 1, math.floor(img_box[2] + pad_px + 0.5))
+            sy1 = max(sy0 + 1, math.floor(img_box[3] + pad_px + 0.5))
+            sx0, sy0 = max(sx0, left), max(sy0, top)
+            sx1, sy1 = min(sx1, left + side), min(sy1, top + side)
+        sx0, sy0 = max(sx0, 0), max(sy0, 0)
+        sx1, sy1 = min(sx1, w), min(sy1, h)
         if sx1 > sx0 and sy1 > sy0:
             canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
         if side == out_px:

@@ -85,6 +85,9 @@ def run(
     mpp: float | None = typer.Option(None, "--mpp", help="µm per level-0 pixel, overriding the file."),
     resume: bool = typer.Option(False, "--resume", help="Continue existing outputs; skip finished tiles."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs of these slides."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="With --resume: also re-run the failed tiles of finished outputs."
+    ),
     batch_tiles: int | None = typer.Option(
         None, "--batch-tiles", help="Most tiles per task (default: the pipeline's)."
     ),
@@ -110,6 +113,7 @@ def run(
     from wsiflow.execution.cluster import ClusterOptions, ClusterSession
     from wsiflow.execution.runner import RunOptions, check_outputs, expand_inputs, prepare_output, run_slides
     from wsiflow.execution.worker import resolve_models
+    from wsiflow.writers.lock import output_lock
 
     debug = debug_enabled()
     quiet_readers(debug)  # libraries log what the runner reports in one line per slide
@@ -123,6 +127,7 @@ def run(
         geoparquet=geoparquet,
         flush_seconds=checkpoint_seconds,
         report=report,
+        retry_failed=retry_failed,
     )
     cluster_options = ClusterOptions(
         scheduler=scheduler,
@@ -151,6 +156,8 @@ def run(
     except OutputError as exc:
         raise ConfigError("", "", str(exc)) from None  # existing outputs: a usage error
     prepare_output(out)  # before starting a cluster: an unwritable OUT fails in a second
+    with output_lock(out):  # another run writing OUT refuses here (the runner holds it for the run)
+        pass
     refs, bundles = resolve_models(pipe, device)
     for b in bundles:
         if b.card.get("demo"):

@@ -50,7 +50,7 @@ from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, OutputError, SlideError, WsiflowError
 from wsiflow.execution.cluster import ClusterOptions, ClusterSession, connect
-from wsiflow.execution.tasks import TaskError, run_batch
+from wsiflow.execution.tasks import BatchResult, TaskError, run_batch
 from wsiflow.execution.worker import ModelRefs, SlideRef, resolve_models
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.pipeline.finish import (
@@ -63,6 +63,7 @@ from wsiflow.pipeline.finish import (
 )
 from wsiflow.pipeline.plan import SlidePlan, plan_slide, slide_name
 from wsiflow.tiling import Tile
+from wsiflow.writers.lock import output_lock
 from wsiflow.writers.paths import slide_output_dir
 from wsiflow.writers.record import SlideRecord
 from wsiflow.writers.zarr_store import CellStore
@@ -107,10 +108,15 @@ class RunOptions:
     geoparquet: bool = False
     flush_seconds: float = 10.0  # the store makes finished tiles durable at least this often
     report: bool = True  # OUT/<slide>/report.html and OUT/report.html
+    retry_failed: bool = False  # with resume: re-run the failed tiles of finished stores too
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise ConfigError("", "", "--resume and --overwrite exclude each other")
+        if self.retry_failed and not self.resume:
+            raise ConfigError(
+                "", "--retry-failed", "re-runs the failed tiles of existing outputs: use it with --resume"
+            )
         if self.mpp is not None and not (0 < self.mpp <= 10):
             raise ConfigError("", "--mpp", f"must be within (0, 10] µm/px, got {self.mpp}")
         for key, value in (("--batch-tiles", self.batch_tiles), ("--max-in-flight", self.max_in_flight)):
@@ -134,6 +140,7 @@ class SlideResult:
     tiles_skipped: int = 0  # already done (resume)
     tiles_computed: list[int] = field(default_factory=list)
     failed_tiles: dict[int, str] = field(default_factory=dict)
+    unreadable: dict[str, list[float]] = field(default_factory=dict)  # corrupt source tiles read as white
     summary: SlideSummary | None = None
     seconds: float = 0.0
 
@@ -317,6 +324,10 @@ class Runner:
         """Every input in turn; ``dirs`` is :func:`prepare_run`'s result (made here when None)."""
         if dirs is None:
             dirs = prepare_run(self.options, inputs)
+        with output_lock(self.options.out):  # one writer per output folder
+            return self._run(inputs, dirs)
+
+    def _run(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
         results: list[SlideResult] = []
         for path in inputs:
             result = self.run_slide(path, dirs[path])
@@ -385,7 +396,9 @@ class Runner:
             store = CellStore.open(zpath, mode="r+", flush_seconds=self.options.flush_seconds)
             _check_resumable(store.attrs, attrs, zpath)
             if store.complete and (out_dir / "summary.json").is_file():
-                return None
+                if not (self.options.retry_failed and store.failed.any()):
+                    return None
+                store.mark_incomplete()  # its failed tiles are not done: they are re-run
             return store
         out_dir.mkdir(parents=True, exist_ok=True)
         return CellStore.create(
@@ -468,7 +481,11 @@ class Runner:
             for fut in ac:
                 _, batch = inflight.pop(fut.key)
                 if fut.status == "finished":
-                    table: CellTable = fut.result()
+                    res: BatchResult = fut.result()
+                    table: CellTable = res.table
+                    if set(res.unreadable) - set(result.unreadable):
+                        result.unreadable.update(res.unreadable)
+                        store.update_attrs({"unreadable": result.unreadable})  # survives a crash
                     store.append(table, batch.ids)
                     result.tiles_computed.extend(batch.ids)
                     result.n_cells += len(table)

@@ -13,6 +13,7 @@ Errors cross the network as :class:`TaskError`, which pickles by value and says 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from wsiflow.cells import CellTable
@@ -22,7 +23,7 @@ from wsiflow.execution.worker import ModelRefs, SlideRef, get_models, get_slide
 from wsiflow.pipeline.batch import process_batch
 from wsiflow.tiling import Tile
 
-__all__ = ["Scope", "TaskError", "run_batch"]
+__all__ = ["BatchResult", "Scope", "TaskError", "run_batch"]
 
 Scope = Literal["run", "slide", "tile"]
 
@@ -42,7 +43,18 @@ class TaskError(Exception):
         return (TaskError, (self.scope, self.message))
 
 
-def run_batch(slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs) -> CellTable:
+@dataclass
+class BatchResult:
+    """A batch's cells and the corrupt source tiles it read as white ("level/col/row" →
+    level-0 box)."""
+
+    table: CellTable
+    unreadable: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_batch(
+    slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs
+) -> BatchResult:
     """:func:`wsiflow.pipeline.batch.process_batch` on the worker's cached slide and models,
     with its errors scoped for the runner."""
     try:
@@ -53,9 +65,11 @@ def run_batch(slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, mo
         slide = get_slide(slide_ref)
     except WsiflowError as exc:
         raise TaskError("slide", str(exc)) from None
+    unreadable: dict[str, list[float]] = {}
     try:
-        return process_batch(slide, tiles, pipeline, loaded)
+        table = process_batch(slide, tiles, pipeline, loaded, unreadable)
     except SlideError as exc:
         raise TaskError("tile", exc.reason) from None
     except WsiflowError as exc:
         raise TaskError("tile", str(exc)) from None
+    return BatchResult(table, unreadable)

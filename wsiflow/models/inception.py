@@ -1,8 +1,10 @@
 """The cell classifier: torchvision's InceptionV3, trained from scratch (no downloads).
 
 The network is fully convolutional up to a global average pool, so any input of at least
-75×75 px works; the paper's crops were 64 px, which InceptionV3 cannot take, so wsiflow's
-default is 96 px. Normalisation happens outside the network (the bundle card holds it).
+75×75 px works; the paper's crops were 64 px, which InceptionV3 cannot take. The input size
+travels in the bundle card (``input_px``) and must equal the pipeline's ``classifier.input_px``:
+the shipped mds pipeline uses 80 px, ``wsiflow train classifier --input-px`` defaults to 96.
+Normalisation happens outside the network (the bundle card holds it).
 """
 
 from __future__ import annotations

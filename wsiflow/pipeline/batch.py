@@ -79,6 +79,7 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
         kept.bbox,
         pipeline.classifier.crop.pad_um / cls_mpp,
         pipeline.classifier.input_px,
+        pipeline.classifier.crop.rule,
     )
     del image
     probs = models.classifier.predict(crops)
@@ -109,12 +110,21 @@ def _with_ids(table: CellTable, tile_id: int) -> CellTable:
     return CellTable(**cols)
 
 
-def process_batch(slide: Slide, tiles: Sequence[Tile], pipeline: Pipeline, models: LoadedModels) -> CellTable:
+def process_batch(
+    slide: Slide,
+    tiles: Sequence[Tile],
+    pipeline: Pipeline,
+    models: LoadedModels,
+    unreadable: dict[str, list[float]] | None = None,
+) -> CellTable:
     """Segment and classify ``tiles`` of one opened slide; the cells they own, in tile order.
 
-    Raises :class:`~wsiflow.errors.SlideError` when a tile cannot be read (the runner then
-    isolates and records the failing tile).
+    A corrupt source tile of the file is read as white (only its area is lost); when
+    ``unreadable`` is given, each such tile met is added as ``"level/col/row"`` → its
+    level-0 box [x0, y0, x1, y1]. Raises :class:`~wsiflow.errors.SlideError` when a tile
+    cannot be read at all (the runner then isolates and records the failing tile).
     """
+    slide.unreadable.clear()
     tables: list[CellTable] = []
     for tile in tiles:
         try:
@@ -124,4 +134,7 @@ def process_batch(slide: Slide, tiles: Sequence[Tile], pipeline: Pipeline, model
         except OSError as exc:
             # a decoder or backend failure surfacing as a builtin: name the tile
             raise SlideError(slide.path, f"tile {tile.id}: {type(exc).__name__}: {exc}") from exc
+    if unreadable is not None:
+        for (level, col, row), box in slide.unreadable.items():
+            unreadable[f"{level}/{col}/{row}"] = [float(v) for v in box]
     return CellTable.concat(tables, n_classes=len(pipeline.taxonomy))

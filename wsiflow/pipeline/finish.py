@@ -76,14 +76,27 @@ def summarize_store(plan: SlidePlan, store: CellStore, pipeline: Pipeline) -> St
     selected_area = sum(t.core.w * t.core.h for t in plan.tiles) or 1.0
     failed_area = sum(t.core.w * t.core.h for t in plan.tiles if t.id in failed_set)
     class_ids = store.read_column("class_id")  # one small column, not the polygons
+    w, h = plan.identity["dimensions"]  # the grid's cores tile the whole slide
+    unreadable = unreadable_tiles(store)
+    lost = sum((b[2] - b[0]) * (b[3] - b[1]) for b in unreadable.values())
     summary = summarize(
         class_ids,
         pipeline,
         failed_tiles=len(failed_set),
         failed_area_fraction=failed_area / selected_area,
         tiles_total=len(plan.tiles),
+        tissue_skipped_fraction=max(0.0, 1.0 - sum(t.core.w * t.core.h for t in plan.tiles) / (w * h)),
+        unreadable_tiles=len(unreadable),
+        unreadable_area_fraction=min(1.0, lost / selected_area),
     )
     return StoreSummary(summary, failed_set, len(class_ids))
+
+
+def unreadable_tiles(store: CellStore) -> dict[str, list[float]]:
+    """Corrupt source tiles of the file met so far (read as white): "level/col/row" → level-0
+    box; the runner records them in the store's attributes as batches report them."""
+    raw = store.attrs.get("unreadable") or {}
+    return {str(k): [float(x) for x in v] for k, v in raw.items()}
 
 
 def finish_slide(
@@ -103,7 +116,8 @@ def finish_slide(
             out_dir / "cells.geojson.gz",
             store.iter_sorted(),
             pipeline.taxonomy,
-            slide_id=out_dir.name,
+            slide_id=str(plan.identity.get("uid") or out_dir.name),
+            offset=tuple(plan.identity.get("qupath_offset") or (0, 0)),
         )
     if geoparquet or pipeline.outputs.geoparquet:
         cells = store.read_table().sorted()  # opt-in output: pyarrow writes one table
@@ -119,7 +133,9 @@ def finish_slide(
         pipeline=pipeline.name,
         models=models,
         tissue_fraction=plan.tissue_fraction,
-        tiles=TileCounts(len(plan.grid), len(plan.tiles), tuple(sorted(done.failed_tiles))),
+        tiles=TileCounts(
+            len(plan.grid), len(plan.tiles), tuple(sorted(done.failed_tiles)), unreadable_tiles(store)
+        ),
         summary=done.summary,
         wsiflow_version=__version__,
     )

@@ -7,6 +7,7 @@ padding, alpha, resizing, error wrapping) happens here, once, so both backends b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 from numpy.typing import NDArray
 from PIL import Image
 
@@ -54,6 +56,10 @@ class Backend(Protocol):
 
     def recover(self) -> None:
         """Make the handle usable again after a failed read (OpenSlide latches errors)."""
+        ...
+
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        """The level's source tile (width, height) in level pixels, None if not tiled/known."""
         ...
 
     def close(self) -> None: ...
@@ -107,6 +113,24 @@ def to_rgb(arr: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return np.ascontiguousarray(arr)
 
 
+
+def slide_uid(path: str, identity: Mapping[str, Any], head_bytes: int = 1 << 20) -> str:
+    """A short hex id of the slide itself (what seeds its cells' UUIDs): a hash of its size,
+    dimensions and first MiB (local files; a URL's path stands in), so the same slide gets
+    the same UUIDs in any output folder and under any name, and two slides never share them."""
+    h = hashlib.sha256()
+    h.update(orjson.dumps([identity.get("size_bytes"), identity.get("dimensions")]))
+    if _is_url(path):
+        h.update(path.encode("utf-8"))
+    else:
+        try:
+            with open(path, "rb") as fh:
+                h.update(fh.read(head_bytes))
+        except OSError:
+            h.update(str(Path(path).resolve()).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
 class Slide:
     """One open slide. Use :func:`open_slide`; close it (or use ``with``)."""
 
@@ -130,7 +154,11 @@ class Slide:
         # level-0 px per level px, per axis (what the coordinates use) and averaged (as OpenSlide)
         self._scale_xy = tuple((w0 / w, h0 / h) for w, h in self.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple((sx + sy) / 2 for sx, sy in self._scale_xy)
+        self.bounds_offset: tuple[int, int] = self._bounds(backend.name)
         self.mpp_note: str | None = None
+        # source tiles that could not be decoded, read as white: (level, col, row) → their
+        # level-0 box (x0, y0, x1, y1). Callers may clear it (e.g. per batch of grid tiles).
+        self.unreadable: dict[tuple[int, int, int], tuple[float, float, float, float]] = {}
         self.mpp: float | None
         self.mpp_source: str | None
         if mpp is not None:
@@ -139,6 +167,21 @@ class Slide:
             self.mpp, self.mpp_source = float(mpp), "override"
         else:
             self.mpp, self.mpp_source = self._metadata_mpp(backend.mpp_xy)
+
+    def _bounds(self, prefix: str) -> tuple[int, int]:
+        """Level-0 (x, y) of the scanned region's corner where the file has bounds
+        (``openslide.bounds-x/y``: MIRAX, Leica SCN, Ventana, …), else (0, 0).
+
+        QuPath's OpenSlide server crops the image to these bounds, so a point at level-0
+        (x, y) here is drawn by QuPath at (x − bounds-x, y − bounds-y)."""
+        out = []
+        for axis in ("x", "y"):
+            raw = self.properties.get(f"{prefix}.bounds-{axis}")
+            try:
+                out.append(int(float(raw)) if raw not in (None, "", "None") else 0)
+            except ValueError:
+                out.append(0)
+        return out[0], out[1]
 
     def _metadata_mpp(self, xy: tuple[object, object]) -> tuple[float | None, str | None]:
         raw = [v for v in (_raw_float(xy[0]), _raw_float(xy[1])) if v is not None]
@@ -169,7 +212,7 @@ class Slide:
             except OSError:
                 size = None
         w, h = (int(v) for v in self.dimensions)
-        return {
+        ident: dict[str, Any] = {
             "path": self.path if url else str(Path(self.path).resolve()),
             "name": self.name,
             "size_bytes": size,
@@ -179,7 +222,11 @@ class Slide:
             "vendor": self.vendor,
             "objective_power": self.objective_power,
             "backend": self.backend,
+            # QuPath's frame: level-0 minus the file's bounds corner (GeoJSON is written in it)
+            "qupath_offset": list(self.bounds_offset),
         }
+        ident["uid"] = slide_uid(self.path, ident)
+        return ident
 
     # --- geometry ---------------------------------------------------------------------------
 
@@ -328,18 +375,72 @@ class Slide:
         except SlideError:
             raise
         except Exception as exc:
-            try:
-                self._b.recover()
-            except Exception:
-                pass
-            raise SlideError(
-                self.path, f"cannot read level {level} pixels at ({x}, {y}) size {w}x{h}: {short_reason(exc)}"
-            ) from exc
+            self._recover()
+            around = self._read_around(level, x, y, w, h)
+            if around is None:
+                raise SlideError(
+                    self.path,
+                    f"cannot read level {level} pixels at ({x}, {y}) size {w}x{h}: {short_reason(exc)}",
+                ) from exc
+            rgb, ox, oy = around
         if rgb.shape[:2] != (h, w):
             raise SlideError(
                 self.path, f"backend returned {rgb.shape[:2]} for a {h}x{w} read at level {level}"
             )
         return rgb, ox, oy
+
+    def _recover(self) -> None:
+        try:
+            self._b.recover()
+        except Exception:
+            pass
+
+    def _read_around(
+        self, level: int, x: int, y: int, w: int, h: int
+    ) -> tuple[NDArray[np.uint8], float, float] | None:
+        """The rectangle read one source tile at a time after a failed read: tiles that
+        cannot be decoded are white and recorded in :attr:`unreadable`, so a corrupt tile
+        costs only its own area. None (the read fails) when the level is not tiled, or when
+        more than half of the tiles fail: that is a broken file (e.g. truncated), not a tile."""
+        size = getattr(self._b, "tile_size", lambda _level: None)(level)
+        if not size or size[0] <= 0 or size[1] <= 0:
+            return None
+        tw, th = size
+        c0, c1, r0, r1 = x // tw, (x + w - 1) // tw, y // th, (y + h - 1) // th
+        if c0 == c1 and r0 == r1:
+            return None  # one source tile: it is the one that failed
+        out = np.full((h, w, 3), 255, np.uint8)
+        sx, sy = self._scale_xy[level]
+        read_any = False
+        bad: list[tuple[int, int, int]] = []
+        for r in range(r0, r1 + 1):
+            for c in range(c0, c1 + 1):
+                px0, py0 = max(x, c * tw), max(y, r * th)
+                px1, py1 = min(x + w, (c + 1) * tw), min(y + h, (r + 1) * th)
+                try:
+                    pix, _, _ = self._b.read_level(level, px0, py0, px1 - px0, py1 - py0)
+                    rgb = to_rgb(pix)
+                    if rgb.shape[:2] != (py1 - py0, px1 - px0):
+                        raise ValueError("short read")
+                except Exception:
+                    self._recover()
+                    bad.append((level, c, r))
+                    lw, lh = self.level_dimensions[level]
+                    self.unreadable[(level, c, r)] = (
+                        c * tw * sx,
+                        r * th * sy,
+                        min((c + 1) * tw, lw) * sx,
+                        min((r + 1) * th, lh) * sy,
+                    )
+                    continue
+                out[py0 - y : py1 - y, px0 - x : px1 - x] = rgb
+                read_any = True
+        n_tiles = (c1 - c0 + 1) * (r1 - r0 + 1)
+        if not read_any or 2 * len(bad) > n_tiles:
+            for key in bad:
+                self.unreadable.pop(key, None)
+            return None
+        return out, float(x), float(y)
 
     def thumbnail(self, max_px: int = 1024) -> NDArray[np.uint8]:
         """The whole slide as RGB, longest side ``max_px`` (never upsampled); read in chunks."""

@@ -63,6 +63,14 @@ class OpenSlideBackend:
         img = self._osr.read_region((x0, y0), level, (w, h))
         return np.asarray(img), x0 / ds, y0 / ds
 
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        tw = self.properties.get(f"openslide.level[{level}].tile-width")
+        th = self.properties.get(f"openslide.level[{level}].tile-height")
+        try:
+            return (int(tw), int(th)) if tw and th else None
+        except ValueError:
+            return None
+
     def recover(self) -> None:
         """OpenSlide latches the first read error on the handle; reopen it."""
         import openslide

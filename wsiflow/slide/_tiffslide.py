@@ -175,6 +175,8 @@ class TiffSlideBackend:
             r, c = divmod(i, across)
             oy, ox = (r - r0) * th, (c - c0) * tw
             if not data:
+                if page.databytecounts[i] > 0:  # data promised but not there: a truncated file
+                    raise ValueError(f"tile {i}: its data lies beyond the end of the file (truncated?)")
                 out[oy : oy + th, ox : ox + tw] = 255  # sparse tile: background
                 return
             tile = decode(data, i, **kwargs)[0]
@@ -190,6 +192,13 @@ class TiffSlideBackend:
             for segment in segments:
                 place(segment)
         return out[y - r0 * th : y - r0 * th + h, x - c0 * tw : x - c0 * tw + w]
+
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        page = self._pages[level] if level < len(self._pages) else None
+        if page is None:
+            return None
+        kf = page.keyframe
+        return int(kf.tilewidth), int(kf.tilelength)
 
     def recover(self) -> None:
         """Nothing is latched in TiffSlide."""

@@ -55,8 +55,10 @@ def classifier_dataset(
     cls_mpp: float = 0.25,
     jitter_um: float = 1.0,
     size: int = 6000,
+    crop_rule: str = "bbox-square",
 ) -> dict[str, int]:
-    """Write ``out/<class>/s<seed>_<cell>.png`` crops; returns counts per class."""
+    """Write ``out/<class>/s<seed>_<cell>.png`` crops (by the pipeline's ``crop_rule``, so
+    the classifier learns from what inference feeds it); returns counts per class."""
     from wsiflow.crops import crop_cells
 
     root = Path(out)
@@ -73,7 +75,7 @@ def classifier_dataset(
             poly = lay.design(i).polygon()
             boxes[i] = [poly[:, 0].min(), poly[:, 1].min(), poly[:, 0].max(), poly[:, 1].max()]
         boxes += rng.uniform(-jitter_um, jitter_um, boxes.shape) / cls_mpp
-        crops = crop_cells(img, (0.0, 0.0), 1.0, boxes, pad_um / cls_mpp, input_px)
+        crops = crop_cells(img, (0.0, 0.0), 1.0, boxes, pad_um / cls_mpp, input_px, crop_rule)
         for i, crop in enumerate(crops):
             code = CLASS_CODES[int(lay.class_idx[i])]
             _save_png(root / code / f"s{seed}_{i:05d}.png", crop)

@@ -399,7 +399,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         "mpp": round(input_mpp, 4),
         "source_mpp": cfg.mpp,
         "preprocessing": (
-            f"whole {src_w}x{src_h} image resized (bilinear, antialiased) to {cfg.input_px}x{cfg.input_px}; "
+            f"whole {src_w}x{src_h} image centred on a black {max(src_w, src_h)}-px square (not stretched), "
+            f"resized (bilinear, antialiased) to {cfg.input_px}x{cfg.input_px}; "
             "RGB/255 then (x - mean) / std"
         ),
         "normalization": {"mean": [round(v, 5) for v in mean], "std": [round(v, 5) for v in std]},

@@ -157,12 +157,28 @@ def split_digest(relpaths: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(relpaths)).encode()).hexdigest()
 
 
+def square_pad(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` centred on a black square of side max(h, w) (the crop rules' square, as
+    :func:`wsiflow.classify.crop_cells` builds it for a box covering the whole image)."""
+    h, w = rgb.shape[:2]
+    if h == w:
+        return rgb
+    side = max(h, w)
+    out = np.zeros((side, side, 3), np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = rgb
+    return out
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image, RGB, resized (whole field, antialiased) to ``size``×``size`` uint8."""
+    """Decode one image, RGB, as ``size``×``size`` uint8: the whole field centred on a black
+    square (never stretched: a crop at inference is a square around the cell, not a
+    stretched rectangle), then resized (bilinear, antialiased)."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, faster
-            rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            sq = Image.fromarray(square_pad(np.asarray(im.convert("RGB"), dtype=np.uint8)))
+            rgb = sq.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
         raise ConfigError(str(path), "", f"cannot read image ({exc})") from None
@@ -170,7 +186,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 def load_images(paths: Sequence[Path], size: int, cache_dir: Path | None = None) -> np.ndarray:
     """All images as one (n, size, size, 3) uint8 array, cached on disk when ``cache_dir``."""
-    key = hashlib.sha256(("\n".join(str(p) for p in paths) + f"|{size}|v1").encode()).hexdigest()[:16]
+    key = hashlib.sha256(("\n".join(str(p) for p in paths) + f"|{size}|v2-square").encode()).hexdigest()[:16]
     cache = cache_dir / f"images-{size}px-{key}.npy" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         arr = np.load(cache, mmap_mode=None)

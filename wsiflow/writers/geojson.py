@@ -353,13 +353,17 @@ def write_geojson(
     *,
     compresslevel: int = 1,
     chunk_cells: int = CHUNK_CELLS,
+    offset: Sequence[float] = (0.0, 0.0),
 ) -> int:
     """Stream cells into a FeatureCollection (temp file + rename); returns the count.
 
     A path ending in ``.gz`` is written gzip (``compresslevel``), any other plain.
     ``tables`` is consumed lazily (e.g. :meth:`CellStore.iter_tables`), so memory stays
-    bounded by one chunk. ``slide_id`` seeds the feature UUIDs.
+    bounded by one chunk. ``slide_id`` seeds the feature UUIDs. ``offset`` (level-0 px) is
+    subtracted from every vertex: the slide's bounds corner, so polygons land in the frame
+    QuPath draws (its OpenSlide server crops to ``openslide.bounds-x/y``).
     """
+    shift = np.asarray(offset, np.float64).reshape(2)
     path = Path(path_gz)
     count = 0
     compress = _compressor(compresslevel) if path.suffix.lower() == ".gz" else _plain
@@ -383,6 +387,10 @@ def write_geojson(
                 for start in range(0, len(table), chunk_cells):
                     stop = min(start + chunk_cells, len(table))
                     part = _rows(table, start, stop)
+                    if shift.any():
+                        cols = part.columns()
+                        cols["poly_xy"] = (part.poly_xy.astype(np.float64) - shift).astype(np.float32)
+                        part = CellTable(**cols)
                     blob = _features(part, taxonomy, slide_id)
                     if not blob:
                         continue

@@ -15,11 +15,11 @@ same code:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from wsiflow.aggregate import BlastStat, ClassStat, LineageStat, SlideSummary
+from wsiflow.aggregate import BlastStat, ClassStat, LineageStat, MERatio, SlideSummary
 
 __all__ = [
     "SUMMARY_BASE_COLUMNS",
@@ -31,7 +31,7 @@ __all__ = [
 
 SUMMARY_BASE_COLUMNS: tuple[str, ...] = ("slide", "path", "output", "status", "error")
 STATUS_ERROR = "error"
-_ROW_COUNTS = ("n_cells", "n_nucleated", "n_unclassified")
+_ROW_COUNTS = ("n_cells", "n_nucleated", "n_counted", "n_unclassified")
 
 
 def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,6 +48,8 @@ def summary_from_dict(d: Mapping[str, Any]) -> SlideSummary:
     kw["lineages"] = tuple(LineageStat(**_known(LineageStat, x)) for x in d.get("lineages") or ())
     blast = d.get("blast")
     kw["blast"] = BlastStat(**_known(BlastStat, blast)) if isinstance(blast, Mapping) else None
+    me = d.get("me_ratio")
+    kw["me_ratio"] = MERatio(**_known(MERatio, me)) if isinstance(me, Mapping) else None
     kw["notes"] = tuple(str(n) for n in d.get("notes") or ())
     return SlideSummary(**kw)
 
@@ -57,6 +59,8 @@ class TileCounts:
     grid: int  # tiles in the grid
     selected: int  # tiles with tissue (read)
     failed: tuple[int, ...] = ()  # ids of tiles that failed (excluded)
+    # source tiles of the file that could not be decoded (read as white): level/col/row → box
+    unreadable: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class SlideRecord:
                 "grid": self.tiles.grid,
                 "selected": self.tiles.selected,
                 "failed": list(self.tiles.failed),
+                "unreadable_source_tiles": {k: list(v) for k, v in sorted(self.tiles.unreadable.items())},
             },
             "summary": self.summary.to_dict(),
         }
@@ -103,7 +108,10 @@ class SlideRecord:
         summary = summary_from_dict(s) if isinstance(s, Mapping) else None
         t = doc.get("tiles") or {}
         tiles = TileCounts(
-            int(t.get("grid") or 0), int(t.get("selected") or 0), tuple(int(i) for i in t.get("failed") or ())
+            int(t.get("grid") or 0),
+            int(t.get("selected") or 0),
+            tuple(int(i) for i in t.get("failed") or ()),
+            {str(k): [float(x) for x in v] for k, v in (t.get("unreadable_source_tiles") or {}).items()},
         )
         return cls(
             name=str(ident.get("name") or ""),

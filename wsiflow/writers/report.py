@@ -37,8 +37,8 @@ from PIL import Image, ImageDraw
 from wsiflow._version import __version__
 from wsiflow.aggregate import band_labels, summarize
 from wsiflow.atomic import atomic_write_bytes
-from wsiflow.config import ClassDef, Pipeline, load_pipeline, parse_pipeline
-from wsiflow.crops import square_box
+from wsiflow.config import DENOMINATOR_RULES, ClassDef, Pipeline, load_pipeline, parse_pipeline
+from wsiflow.crops import crop_cells
 from wsiflow.errors import OutputError, WsiflowError
 from wsiflow.writers import figures
 from wsiflow.writers.report_cells import (
@@ -281,14 +281,18 @@ def _zoom(
     return figures.jpeg_bytes(region, 88), box, n
 
 
-def _crop(slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float) -> NDArray[np.uint8]:
-    """The cell as the classifier saw it: the classifier's square (:func:`square_box`, in
-    px at cls_mpp), read at cls_mpp, resized for the gallery."""
+def _crop(
+    slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float, rule: str = "bbox-square"
+) -> NDArray[np.uint8]:
+    """The cell as the classifier saw it: its square by the pipeline's crop ``rule`` (the
+    classifier's own :func:`~wsiflow.crops.crop_cells`), read at cls_mpp, resized."""
     scale = slide.read_level0_scale(cls_mpp)
-    left, top, side = square_box(np.asarray(bbox, np.float64) / scale, pad_um / cls_mpp)
-    n = int(np.clip(side, 8, 1024))
-    img = slide.read(left * scale, top * scale, n, n, cls_mpp)
-    return np.asarray(Image.fromarray(img).resize((GALLERY_PX, GALLERY_PX), Image.Resampling.BICUBIC))
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    side0 = max(x1 - x0, y1 - y0) + 2 * pad_um / float(slide.mpp)
+    n = int(np.clip(round(side0 / scale), 8, 1024)) + 2
+    ox, oy = (x0 + x1) / 2 - n * scale / 2, (y0 + y1) / 2 - n * scale / 2
+    img = slide.read(ox, oy, n, n, cls_mpp)
+    return crop_cells(img, (ox, oy), scale, np.asarray([bbox]), pad_um / cls_mpp, GALLERY_PX, rule)[0]
 
 
 # =========================================================================== templates
@@ -349,6 +353,8 @@ def write_slide_report(
 
     counts = summary.get("counts") or {}
     n_cells = int(summary.get("n_cells") or 0)
+    # the differential's percentages as summarised (denominator rule applied), else of all cells
+    stat_frac = {str(c.get("code")): c.get("fraction") for c in summary.get("classes") or []}
     class_rows = []
     for c in taxonomy:
         n = int(counts.get(c.code, 0))
@@ -358,7 +364,7 @@ def write_slide_report(
                 "name": c.name,
                 "color": hex_color(c.color),
                 "count": n,
-                "fraction": n / n_cells if n_cells else None,
+                "fraction": stat_frac[c.code] if c.code in stat_frac else (n / n_cells if n_cells else None),
                 "lineage": c.lineage or "",
                 "dysplastic": c.dysplastic,
                 "blast": c.blast,
@@ -483,6 +489,7 @@ def _gallery_context(
     gal = select_gallery(cells.class_id, cells.probs, len(taxonomy), per_kind)
     cls_mpp = data.pipeline.resolution.cls_mpp if data.pipeline else 0.25
     pad_um = data.pipeline.classifier.crop.pad_um if data.pipeline else 1.0
+    rule = data.pipeline.classifier.crop.rule if data.pipeline else "bbox-square"
     codes = [c.code for c in taxonomy]
     out = []
     for k, c in enumerate(taxonomy):
@@ -499,7 +506,7 @@ def _gallery_context(
                 if slide is not None:
                     try:
                         img = figures.data_uri(
-                            figures.jpeg_bytes(_crop(slide, cells.bbox[i], cls_mpp, pad_um), 88)
+                            figures.jpeg_bytes(_crop(slide, cells.bbox[i], cls_mpp, pad_um, rule), 88)
                         )
                     except WsiflowError as exc:
                         log.debug("crop of cell %s failed: %s", cid, exc)
@@ -562,6 +569,7 @@ def _metadata_rows(ident: Mapping[str, Any], doc: Mapping[str, Any]) -> list[tup
 def _pipeline_rows(p: Pipeline | None, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     if p is None:
         return [("Pipeline", str(doc.get("pipeline", "–")))]
+    rule = p.counting.denominator
     return [
         ("Pipeline", f"{p.name} ({p.mode})"),
         (
@@ -581,7 +589,9 @@ def _pipeline_rows(p: Pipeline | None, doc: Mapping[str, Any]) -> list[tuple[str
         ),
         (
             "Adequacy",
-            f"≥ {p.adequacy.min_cells} cells; ≥ {p.adequacy.min_megakaryocytes} megakaryocytes "
-            "to call megakaryocytic dysplasia",
+            f"≥ {p.adequacy.min_cells} cells in the differential; a lineage call needs "
+            + ", ".join(f"≥ {n} {lin}" for lin, n in p.adequacy.min_lineage_cells.items())
+            + f", ≥ {p.adequacy.min_megakaryocytes} megakaryocytes",
         ),
+        ("Differential denominator", f"{rule}: {DENOMINATOR_RULES[rule]}"),
     ]

@@ -289,6 +289,26 @@ class CellStore:
         except OSError as exc:
             raise output_error(self.path, exc) from exc
 
+    def update_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Merge user attributes into the group now (reserved names refused)."""
+        self._check_writable()
+        bad = [k for k in attrs if k in RESERVED]
+        if bad:
+            raise ValueError(f"reserved attribute names: {bad}")
+        try:
+            self._group.attrs.update(dict(attrs))
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+
+    def mark_incomplete(self) -> None:
+        """Set ``complete = False`` before adding to a finalized store (e.g. retrying its
+        failed tiles), so a run that stops half-way is not mistaken for a finished one."""
+        self._check_writable()
+        try:
+            self._group.attrs.update({"complete": False})
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+
     def close(self) -> None:
         if self.writable and self._pending_tiles:
             self.flush()
