@@ -279,7 +279,7 @@ class Slide:
         None: read it at ``cls_mpp`` when it is needed.
         """
         cls_px = self.read_size(w, h, cls_mpp)
-        if not self._one_decode(x, y, w, h, seg_px, cls_px, cls_mpp):
+        if not self._one_decode((x, y, w, h), seg_px, cls_px, cls_mpp):
             return self.read(x, y, seg_px[0], seg_px[1], seg_mpp), None, cls_px
         cls = self.read(x, y, cls_px[0], cls_px[1], cls_mpp)
         k = cls_px[0] // seg_px[0]
@@ -288,15 +288,14 @@ class Slide:
 
     def _one_decode(
         self,
-        x: float,
-        y: float,
-        w: float,
-        h: float,
+        box: tuple[float, float, float, float],
         seg_px: tuple[int, int],
         cls_px: tuple[int, int],
         cls_mpp: float,
     ) -> bool:
-        """Whether the seg read of the box is exactly the k×k reduction of its cls read."""
+        """Whether the seg read of the level-0 ``box`` (x, y, w, h) is exactly the k×k
+        reduction of its cls read."""
+        x, y, w, h = box
         (sw, sh), (cw, ch) = seg_px, cls_px
         k = cw // sw
         return (

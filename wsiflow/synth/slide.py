@@ -121,6 +121,17 @@ class SyntheticSlide:
 
     def region_od(self, x0: int, y0: int, w: int, h: int) -> NDArray[np.float32]:
         od = background_od(self.density, self.style, self.red, x0, y0, w, h)
+        for _, p, inner, outer in self._patches_in(x0, y0, w, h):
+            a = p.alpha[inner][..., None]
+            dst = od[outer]
+            dst += a * (p.od[inner] - dst)
+        return od
+
+    def _patches_in(
+        self, x0: int, y0: int, w: int, h: int
+    ) -> Iterator[tuple[int, CellPatch, tuple[slice, slice], tuple[slice, slice]]]:
+        """Each cell (index, patch) overlapping the region, with the overlap as (patch,
+        region) slices."""
         for i in self._cells_in(x0, y0, w, h):
             p = self._patch(int(i))
             ph, pw = p.alpha.shape
@@ -129,11 +140,8 @@ class SyntheticSlide:
             bx1, by1 = min(ax0 + pw, w), min(ay0 + ph, h)
             if bx1 <= bx0 or by1 <= by0:
                 continue
-            a = p.alpha[by0 - ay0 : by1 - ay0, bx0 - ax0 : bx1 - ax0, None]
-            src = p.od[by0 - ay0 : by1 - ay0, bx0 - ax0 : bx1 - ax0]
-            dst = od[by0:by1, bx0:bx1]
-            dst += a * (src - dst)
-        return od
+            inner = (slice(by0 - ay0, by1 - ay0), slice(bx0 - ax0, bx1 - ax0))
+            yield int(i), p, inner, (slice(by0, by1), slice(bx0, bx1))
 
     def region(self, x0: int, y0: int, w: int, h: int) -> NDArray[np.uint8]:
         """RGB uint8 (h, w, 3) of a level-0 region (outside the slide: background)."""
@@ -150,16 +158,9 @@ class SyntheticSlide:
     def labels(self, x0: int, y0: int, w: int, h: int) -> NDArray[np.int32]:
         """Instance labels (cell index + 1; later cells drawn over earlier ones) of a region."""
         lab = np.zeros((h, w), np.int32)
-        for i in self._cells_in(x0, y0, w, h):
-            p = self._patch(int(i))
-            ph, pw = p.alpha.shape
-            ax0, ay0 = p.x0 - x0, p.y0 - y0
-            bx0, by0 = max(ax0, 0), max(ay0, 0)
-            bx1, by1 = min(ax0 + pw, w), min(ay0 + ph, h)
-            if bx1 <= bx0 or by1 <= by0:
-                continue
-            m = p.alpha[by0 - ay0 : by1 - ay0, bx0 - ax0 : bx1 - ax0] >= 0.5
-            lab[by0:by1, bx0:bx1][m] = int(i) + 1
+        for i, p, inner, outer in self._patches_in(x0, y0, w, h):
+            m = p.alpha[inner] >= 0.5
+            lab[outer][m] = i + 1
         return lab
 
     def tile_rows(self, tile: int = 256) -> Iterator[tuple[int, NDArray[np.uint8]]]:
