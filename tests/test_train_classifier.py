@@ -83,6 +83,9 @@ def test_training_reduces_loss_resumes_and_evaluates(tmp_path: Path) -> None:
         seed=3,
         threads=2,
         patience=50,
+        # fp32: on a CPU with AVX512-BF16 (AMD EPYC here) bf16 autocast left this toy set's
+        # loss at chance after 4 epochs (1.035 -> 1.052); the check is about learning, not bf16
+        bf16=False,
     )
     events: list[tuple[str, dict]] = []
     bundle = train_classifier(cfg, lambda e, i: events.append((e, i)))
