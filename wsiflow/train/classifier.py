@@ -26,6 +26,7 @@ from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
 from wsiflow.models.inception import build_inception_v3, check_input_px
 from wsiflow.train import data as D
+from wsiflow.train.calibration import calibration_summary, fit_temperature, log_probs
 from wsiflow.train.common import (
     cpu_autocast_dtype,
     load_checkpoint,
@@ -374,6 +375,15 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         }
         if after >= before:
             model.load_state_dict(saved)
+    emit("calibrate", {"n": len(va)})
+    val_probs = _evaluate(model, images[va], labels[va], mean, std, device, None)[3]
+    temperature = fit_temperature(log_probs(val_probs), labels[va])
+    calibration, _, _ = calibration_summary(val_probs, labels[va], temperature)
+    calibration = {
+        **calibration,
+        "fitted_on": f"validation split (n = {len(va)}), no TTA",
+        "method": "temperature scaling (minimum NLL, bounded search over log T)",
+    }
     metrics: dict[str, Any] = {}
     for split_name, ids in (("val", va), ("test", te)):
         if len(ids):
@@ -405,6 +415,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         "normalization": {"mean": [round(v, 5) for v in mean], "std": [round(v, 5) for v in std]},
         "training_data": {"name": cfg.training_data.get("name", cfg.data.name), **cfg.training_data},
         "metrics": metrics,
+        "calibration": calibration,
         "split_seed": cfg.seed,
         "split": {
             "method": "stratified-group" if samples.groups is not None else "stratified",
