@@ -123,3 +123,37 @@ def test_pbc8_card_temperature_reproduces_on_its_validation_split(tmp_path: Path
     assert refit.sha256 == shipped.sha256
     assert block["temperature"] == pytest.approx(shipped.temperature, abs=2e-3)
     assert block["ece_calibrated"] < block["ece_raw"]
+
+
+def test_min_confidence_sends_uncertain_cells_to_unclassified() -> None:
+    from wsiflow.aggregate import summarize
+    from wsiflow.cells import CellTable
+    from wsiflow.config import load_pipeline
+
+    probs = np.array([[0.9, 0.05, 0.05], [0.5, 0.3, 0.2], [0.2, 0.7, 0.1], [0.34, 0.33, 0.33]], np.float32)
+    t = CellTable.empty(3)
+    n = len(probs)
+    cols = t.columns()
+    for name, arr in cols.items():
+        if name in ("poly_offsets",):
+            cols[name] = np.zeros(n + 1, arr.dtype)
+        elif name == "probs":
+            cols[name] = np.zeros((n, 3), arr.dtype)
+        elif name != "poly_xy":
+            cols[name] = np.zeros((n, *arr.shape[1:]), arr.dtype)
+    cols["id"] = np.arange(n, dtype=np.int64)
+    table = CellTable(**cols).with_classes(probs, min_confidence=0.6)
+    assert table.class_id.tolist() == [0, -1, 1, -1]
+    assert CellTable(**cols).with_classes(probs).class_id.tolist() == [0, 0, 1, 0]
+    # the unclassified cells are counted apart and left out of every fraction
+    mds = load_pipeline("mds")
+    s = summarize(np.array([0, 0, 3, -1, -1]), mds)
+    assert s.n_unclassified == 2 and s.n_cells == 3
+
+
+def test_min_confidence_is_validated() -> None:
+    from pydantic import ValidationError
+
+    ClassifierConfig(bundle="pbc8", input_px=112, min_confidence=0.5)
+    with pytest.raises(ValidationError):
+        ClassifierConfig(bundle="pbc8", input_px=112, min_confidence=1.5)
