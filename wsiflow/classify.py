@@ -22,9 +22,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from wsiflow.config import Classifier as ClassifierConfig
+    from wsiflow.config import Pipeline
     from wsiflow.models.bundle import ModelBundle
+    from wsiflow.slide import Slide
+    from wsiflow.types import Box
 
-__all__ = ["Classifier", "crop_cells", "predict_probs", "square_box"]
+__all__ = ["Classifier", "crop_cells", "predict_probs", "square_box", "tile_crops"]
 
 
 def square_box(bbox_img: np.ndarray, pad_px: float) -> tuple[int, int, int]:
@@ -73,6 +76,24 @@ def crop_cells(
         else:
             out[i] = np.asarray(Image.fromarray(canvas).resize((out_px, out_px), Image.Resampling.BILINEAR))
     return out
+
+
+def tile_crops(slide: Slide, read_box: Box, bboxes: np.ndarray, pipeline: Pipeline) -> np.ndarray:
+    """The classifier's crops of cells found in a tile, exactly as inference cuts them: the
+    tile's read box at ``cls_mpp`` (the same read the pipeline makes), then :func:`crop_cells`
+    with the pipeline's pad and input size. Used by ``wsiflow harvest`` for training images."""
+    cls_mpp = pipeline.resolution.cls_mpp
+    scale = slide.read_level0_scale(cls_mpp)
+    cw, ch = max(1, round(read_box.w / scale)), max(1, round(read_box.h / scale))
+    image = slide.read(read_box.x, read_box.y, cw, ch, cls_mpp)
+    return crop_cells(
+        image,
+        (read_box.x, read_box.y),
+        read_box.w / cw,
+        bboxes,
+        pipeline.classifier.crop.pad_um / cls_mpp,
+        pipeline.classifier.input_px,
+    )
 
 
 def predict_probs(

@@ -151,8 +151,14 @@ def plot_reliability(
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     for label, rel in curves.items():
         keep = rel.count > 0
-        ax.plot(rel.confidence[keep], rel.accuracy[keep], marker="o", ms=3, lw=1.5,
-                label=f"{label} (ECE {rel.ece:.4f})")
+        ax.plot(
+            rel.confidence[keep],
+            rel.accuracy[keep],
+            marker="o",
+            ms=3,
+            lw=1.5,
+            label=f"{label} (ECE {rel.ece:.4f})",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("Mean confidence of the predicted class")

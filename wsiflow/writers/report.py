@@ -66,6 +66,7 @@ __all__ = [
     "REPORT_NAME",
     "find_slide_dirs",
     "gallery_cell_ids",
+    "gallery_crop",
     "write_cohort_report",
     "write_slide_report",
 ]
@@ -280,7 +281,7 @@ def _zoom(
     return figures.jpeg_bytes(region, 88), box, n
 
 
-def _crop(slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float) -> NDArray[np.uint8]:
+def gallery_crop(slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float) -> NDArray[np.uint8]:
     """The cell as the classifier saw it: bbox padded to a square, read at cls_mpp, resized."""
     scale = slide.read_level0_scale(cls_mpp)
     x0, y0, x1, y1 = (float(v) for v in bbox)
@@ -499,7 +500,7 @@ def _gallery_context(
                 if slide is not None:
                     try:
                         img = figures.data_uri(
-                            figures.jpeg_bytes(_crop(slide, cells.bbox[i], cls_mpp, pad_um), 88)
+                            figures.jpeg_bytes(gallery_crop(slide, cells.bbox[i], cls_mpp, pad_um), 88)
                         )
                     except WsiflowError as exc:
                         log.debug("crop of cell %s failed: %s", cid, exc)
