@@ -14,6 +14,7 @@ temperature on the card's validation split (weights untouched, so pins stay vali
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,22 @@ def select_split(bundle: ModelBundle, samples: D.Samples, split: str) -> np.ndar
     saved = bundle.card.get("split")
     if not isinstance(saved, dict) or "split_seed" not in bundle.card:
         raise ModelError(f"{bundle.card_path}: the card records no split; use --split all")
-    parts = D.split_indices(samples.labels, int(bundle.card["split_seed"]), samples.groups)
+    if isinstance(saved.get("test_digests"), list) and isinstance(saved.get("val_digests"), list):
+        found = D.content_digests(samples.paths)
+        if hashlib.sha256("\n".join(sorted(found)).encode()).hexdigest() != saved.get("data_sha256"):
+            raise ConfigError(
+                str(samples.root),
+                "--split",
+                f"these images do not reproduce the {bundle.name!r} training split (not the data set "
+                "it was trained on: content sha256 differs); evaluate on that data set, or use --split all",
+            )
+        digests = np.array(found, dtype=object)
+        test = np.flatnonzero(np.isin(digests, saved["test_digests"]))
+        val = np.flatnonzero(np.isin(digests, saved["val_digests"]))
+        rest = np.setdiff1d(np.arange(len(samples)), np.union1d(test, val))
+        parts = {"test": test, "val": val, "train": rest}
+    else:  # older cards: the split is reproduced from its seed
+        parts = D.split_indices(samples.labels, int(bundle.card["split_seed"]), samples.groups)
     rel = samples.relpaths()
     digest = D.split_digest([rel[i] for i in parts["test"]])
     if digest != saved.get("test_sha256"):
