@@ -36,7 +36,12 @@ def review(
 @app.command()
 def harvest(
     results: Path = typer.Argument(..., help="The output folder of the `wsiflow run` that was reviewed."),
-    labels: list[Path] = typer.Option(..., "--labels", help="QuPath GeoJSON exports or id,label CSVs."),
+    more: list[Path] | None = typer.Argument(
+        None, help="More labels files (`--labels A B C` works).", show_default=False
+    ),
+    labels: list[Path] = typer.Option(
+        [], "--labels", help="QuPath GeoJSON exports or id,label CSVs (files or a folder of them)."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Harvest folder (appended to)."),
     map_: list[str] = typer.Option([], "--map", help="OLD=NEW: map a label to a class code (repeatable)."),
     radius_um: float = typer.Option(3.0, "--radius-um", help="Centroid match radius (no UUID)."),
@@ -45,7 +50,13 @@ def harvest(
     from wsiflow.train.harvest import harvest as run_harvest
     from wsiflow.train.harvest import parse_maps
 
-    rep = run_harvest(results, labels, out, parse_maps(map_), radius_um)
+    files: list[Path] = []
+    for p in [*labels, *(more or [])]:
+        if p.is_dir():
+            files += sorted(q for q in p.iterdir() if q.suffix.lower() in (".geojson", ".json", ".csv"))
+        else:
+            files.append(p)
+    rep = run_harvest(results, files, out, parse_maps(map_), radius_um)
     d = rep.to_dict()
     typer.echo(
         f"{out / 'manifest.csv'}: {d['added']} cells added, {d['relabelled']} relabelled, "
