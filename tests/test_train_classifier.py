@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.train.classifier import TrainClassifierConfig, train_classifier
-from wsiflow.train.data import discover, split_indices
+from wsiflow.train.data import content_digests, discover, split_digest, split_disjoint, split_indices
 from wsiflow.train.evaluate import evaluate_classifier
 
 
@@ -135,19 +135,42 @@ def test_training_reduces_loss_resumes_and_evaluates(tmp_path: Path) -> None:
     )
     chain = third.card["training"]["initialised_from"]
     assert chain["sha256"] == warm.sha256 and chain["initialised_from"]["sha256"] == bundle2.sha256
-    other = _shapes(tmp_path / "other", per_class=16)  # another split → its test images would leak
-    with pytest.raises(ConfigError, match="different split"):
+    # The same images split another way → the source's training images would be tested on.
+    with pytest.raises(ConfigError, match="different split of the same data"):
         train_classifier(
             TrainClassifierConfig(
                 **{
                     **cfg.__dict__,
-                    "data": other,
-                    "out": tmp_path / "w2.safetensors",
-                    "work_dir": tmp_path / "w2",
+                    "seed": 4,
+                    "out": tmp_path / "w1.safetensors",
+                    "work_dir": tmp_path / "w1",
                     "init_from": out,
                 }
             )
         )
+    # Other data that holds some of the source's images (last round's harvest inside this
+    # round's manifest) → accepted, with a test split disjoint from all the source saw.
+    other = _shapes(tmp_path / "other", per_class=16)
+    grown = train_classifier(
+        TrainClassifierConfig(
+            **{
+                **cfg.__dict__,
+                "epochs": 1,
+                "data": other,
+                "out": tmp_path / "w2.safetensors",
+                "work_dir": tmp_path / "w2",
+                "init_from": out,
+            }
+        )
+    )
+    seen_by_source = set(bundle2.card["split"]["seen"])
+    o = discover(other)
+    test_idx = split_disjoint(
+        o.labels, 3, None, np.array([d in seen_by_source for d in content_digests(o.paths)])
+    )["test"]
+    assert len(test_idx) > 0 and not {content_digests(o.paths)[i] for i in test_idx} & seen_by_source
+    assert grown.card["split"]["test_sha256"] == split_digest([o.relpaths()[i] for i in test_idx])
+    assert "disjoint" in grown.card["training"]["initialised_from"]["test_split"]
 
     report = evaluate_classifier(out, data, tmp_path / "eval", split="test", device="cpu", threads=2)
     assert report.n == 5 and (tmp_path / "eval" / "report.md").is_file()

@@ -374,7 +374,7 @@ def test_geojson_odd_cells(tmp_path: Path) -> None:
     t = make_table(0, 3)
     cols = t.columns()
     cols["area_um2"] = np.array([np.nan, 1.0, 2.0], np.float32)  # non-finite: measurement left out
-    cols["class_id"] = np.array([0, -1, 1], np.int16)  # unclassified: no classification
+    cols["class_id"] = np.array([0, -1, 1], np.int16)  # below min_confidence: QuPath class "Unclassified"
     counts = np.array([2, 5, 6])  # a degenerate 2-vertex "polygon" is written as its bbox
     cols["poly_offsets"] = np.concatenate([[0], np.cumsum(counts)])
     cols["poly_xy"] = np.arange(26, dtype=np.float32).reshape(13, 2)
@@ -382,7 +382,7 @@ def test_geojson_odd_cells(tmp_path: Path) -> None:
     write_geojson(tmp_path / "o.geojson.gz", [odd], TAXONOMY)
     f0, f1, f2 = _load(tmp_path / "o.geojson.gz")["features"]
     assert "Area µm^2" not in f0["properties"]["measurements"]
-    assert "classification" not in f1["properties"]
+    assert f1["properties"]["classification"]["name"] == "Unclassified"
     assert f2["properties"]["classification"]["name"] == TAXONOMY[1].name
     x0, y0, x1, y1 = np.round(odd.bbox[0].astype(np.float32).astype(np.float64), COORD_DECIMALS)
     ring = f0["geometry"]["coordinates"][0]

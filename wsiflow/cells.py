@@ -158,12 +158,15 @@ class CellTable:
             tile=self.tile[idx],
         )
 
-    def with_classes(self, probs: NDArray[np.float32]) -> CellTable:
-        """A copy with class probabilities filled in and class_id = argmax."""
+    def with_classes(self, probs: NDArray[np.float32], min_confidence: float | None = None) -> CellTable:
+        """A copy with class probabilities filled in and class_id = argmax, or -1 (unclassified)
+        where the top probability is below ``min_confidence``."""
         probs = np.asarray(probs, np.float32)
         if probs.shape[0] != len(self):
             raise ValueError("one probability row per cell is required")
         class_id = probs.argmax(axis=1).astype(np.int16) if len(self) else np.zeros(0, np.int16)
+        if min_confidence is not None and len(self):
+            class_id[probs.max(axis=1) < np.float32(min_confidence)] = -1
         cols = {f.name: getattr(self, f.name) for f in fields(self)}
         cols.update(probs=probs, class_id=class_id)
         return CellTable(**cols)

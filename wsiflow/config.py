@@ -115,6 +115,9 @@ class Classifier(ModelRef):
     input_px: int = Field(ge=75)
     batch_size: int = Field(default=64, ge=1)
     crop: Crop = Crop()
+    # Cells whose top (temperature-scaled) probability is below this are "Unclassified":
+    # counted and shown, left out of lineage fractions, the blast % and the differential.
+    min_confidence: float | None = Field(default=None, gt=0, lt=1)
 
 
 class Who(_Frozen):

@@ -7,6 +7,10 @@ from typing import TypeAlias
 
 RGB: TypeAlias = tuple[int, int, int]
 
+# Cells below the pipeline's classifier.min_confidence (class_id -1): their QuPath class.
+UNCLASSIFIED_NAME = "Unclassified"
+UNCLASSIFIED_COLOR: RGB = (200, 200, 200)
+
 
 @dataclass(frozen=True, slots=True)
 class Box:

@@ -29,6 +29,8 @@ def _register() -> None:
         evaluate,  # noqa: F401
         explain,  # noqa: F401
         info,  # noqa: F401
+        lab,  # noqa: F401
+        pipeline,  # noqa: F401
         report,  # noqa: F401
         run,  # noqa: F401
         synth,  # noqa: F401

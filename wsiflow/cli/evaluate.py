@@ -47,3 +47,30 @@ def evaluate(
     )
     typer.echo((out / "report.md").read_text(encoding="utf-8"))
     typer.echo(f"accuracy {report.accuracy:.4f}  macro F1 {report.macro_f1}  → {out}", err=True)
+
+
+@app.command()
+def calibrate(
+    bundle: str = typer.Argument(..., help="Classifier bundle name (shipped) or path to NAME.safetensors."),
+    data: Path = typer.Argument(..., help="The labelled images it was trained on (its split is verified)."),
+    split: str = typer.Option("val", "--split", help="val (default) | train | all; never test."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: all)."),
+) -> None:
+    """Fit the softmax temperature on the bundle's validation split and store it in its card.
+
+    The weights are not touched (their sha256, which pipelines pin, stays the same); the
+    pipeline applies the temperature to every cell, and `wsiflow evaluate` reports the
+    expected calibration error before and after.
+    """
+    from wsiflow.train.evaluate import calibrate_classifier
+
+    b, block = calibrate_classifier(
+        bundle, data, split=split, device=device, batch_size=batch_size, threads=threads
+    )
+    typer.echo(
+        f"{b.name}: temperature {block['temperature']} fitted on {block['fitted_on']}; "
+        f"ECE {block['ece_raw']} -> {block['ece_calibrated']}, NLL {block['nll_raw']} -> "
+        f"{block['nll_calibrated']} (card {b.card_path})"
+    )

@@ -37,6 +37,7 @@ __all__ = [
     "resolve_bundle",
     "save_bundle",
     "shipped_bundles",
+    "update_card",
 ]
 
 FORMAT = "wsiflow-bundle/1"
@@ -190,6 +191,17 @@ class ModelBundle:
         return float(self.card["mpp"])
 
     @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on the validation split (card ``calibration``); 1.0 if none."""
+        cal = self.card.get("calibration")
+        t = cal.get("temperature") if isinstance(cal, dict) else None
+        if t is None:
+            return 1.0
+        if not (isinstance(t, int | float) and t > 0):
+            raise ModelError(f"{self.card_path}: calibration.temperature must be positive, not {t!r}")
+        return float(t)
+
+    @property
     def mean(self) -> tuple[float, float, float]:
         m = self.card["normalization"]["mean"]
         return (float(m[0]), float(m[1]), float(m[2]))
@@ -226,6 +238,22 @@ class ModelBundle:
                 f"{self.weights_path}: weights do not fit {self.card['architecture']} ({first})"
             ) from None
         return model.to(device).eval()
+
+
+def update_card(bundle: ModelBundle, changes: dict[str, Any]) -> ModelBundle:
+    """Rewrite the bundle's card atomically with ``changes`` merged in (top-level keys).
+
+    Only card fields may change (e.g. ``calibration``): the weights file, hence the sha256
+    pinned by pipelines, stays as it is.
+    """
+    forbidden = sorted(set(changes) & {"format", "sha256", "task", "classes", "architecture", "kwargs"})
+    if forbidden:
+        raise ModelError(f"{bundle.card_path}: {', '.join(forbidden)} cannot be changed in place")
+    full = {**bundle.card, **changes}
+    atomic_write_bytes(
+        bundle.card_path, orjson.dumps(full, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    )
+    return ModelBundle.load(bundle.weights_path)
 
 
 def check_taxonomy(card: dict[str, Any], pipeline: Pipeline) -> None:

@@ -88,7 +88,7 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
         raise ModelError(
             f"classifier returned probabilities of shape {probs.shape}, expected ({len(kept)}, {n_classes})"
         )
-    return kept.with_classes(probs)
+    return kept.with_classes(probs, pipeline.classifier.min_confidence)
 
 
 def read_seg_image(

@@ -10,6 +10,7 @@ loss) is kept separately and becomes the bundle.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
 from wsiflow.models.inception import build_inception_v3, check_input_px
 from wsiflow.train import data as D
+from wsiflow.train.calibration import calibration_summary, fit_temperature, log_probs
 from wsiflow.train.common import (
     cpu_autocast_dtype,
     load_checkpoint,
@@ -176,9 +178,18 @@ def recalibrate_bn(
         model.eval()
 
 
-def _init_source(ref: Path, classes: tuple[str, ...], test_digest: str) -> tuple[ModelBundle, dict[str, Any]]:
-    """The ``--init-from`` bundle, checked, and its description for the card; refuses a bundle
-    whose classes or held-out test split differ (its test images would leak into training)."""
+def _init_source(
+    ref: Path, classes: tuple[str, ...], data_name: str, data_sha: str
+) -> tuple[ModelBundle, dict[str, Any], frozenset[str] | None]:
+    """The ``--init-from`` bundle, checked; its description for the card; the content digests
+    of the images it was trained on (None when its card predates that record).
+
+    Refused: other classes; the same images split another way (a second split of one data
+    set would put the source's training images into this test split); for an older card
+    without an image record, a data set of the same name. Accepted: other data (the demo's
+    generated cells, last round's harvest inside this round's manifest): the caller keeps
+    the test split disjoint from every image the source saw.
+    """
     src = ModelBundle.load(ref)
     where = str(src.weights_path)
     if src.task != "classifier" or src.card.get("architecture") != "inception_v3":
@@ -187,20 +198,49 @@ def _init_source(ref: Path, classes: tuple[str, ...], test_digest: str) -> tuple
         raise ConfigError(
             where, "init_from", f"classes {list(src.class_codes)} differ from the data's {list(classes)}"
         )
-    if src.card.get("split", {}).get("test_sha256") != test_digest:
-        raise ConfigError(
-            where, "init_from", "trained on a different split (its test images would be trained on)"
-        )
+    split = src.card.get("split", {})
+    seen_list = split.get("seen")
+    seen = frozenset(str(d) for d in seen_list) if isinstance(seen_list, list) else None
+    same_data = split.get("data_sha256") == data_sha if seen is not None else (
+        src.card.get("training_data", {}).get("name") == data_name
+    )
     prev = src.card.get("training", {})
-    return src, {
+    note = {
         "bundle": src.name,
         "sha256": src.sha256,
+        "trained_on": src.card.get("training_data", {}).get("name"),
         "epochs_run": prev.get("epochs_run"),
         "best_epoch": prev.get("best_epoch"),
         "metrics": src.card.get("metrics"),
         # the source's own warm start, so a multi-stage bundle keeps its whole lineage
         "initialised_from": prev.get("initialised_from"),
     }
+    return src, note, (None if same_data else (seen if seen is not None else frozenset()))
+
+
+def _harvest_record(data: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """For a ``wsiflow harvest`` manifest: what the card says of the harvest, and the crop rule
+    its images were cut with (so ``wsiflow pipeline derive`` can pin it)."""
+    meta_path = Path(data).parent / "harvest.json"
+    if Path(data).suffix.lower() != ".csv" or not meta_path.is_file():
+        return {}, None
+    import orjson
+
+    meta = orjson.loads(meta_path.read_bytes())
+    rounds = meta.get("rounds") or []
+    note = {
+        "harvest": {
+            "manifest": str(Path(data).resolve()),
+            "manifest_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+            "n_cells": meta.get("n_cells"),
+            "rounds": [
+                {k: r.get(k) for k in ("at", "results", "pipelines", "added", "relabelled")} for r in rounds
+            ],
+            "labels": "set by the lab's hematologists in QuPath, harvested with `wsiflow harvest`",
+        }
+    }
+    crop = meta.get("crop")
+    return note, crop if isinstance(crop, dict) else None
 
 
 def _warm_start(model: torch.nn.Module, src: ModelBundle) -> None:
@@ -235,8 +275,33 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     )
 
     samples = D.discover(cfg.data, [str(m["code"]) for m in cfg.classes_meta] if cfg.classes_meta else None)
-    split = D.split_indices(samples.labels, cfg.seed, samples.groups)
     rel = samples.relpaths()
+    digests = D.content_digests(samples.paths)
+    data_sha = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    data_name = str(cfg.training_data.get("name", cfg.data.name))
+    split = D.split_indices(samples.labels, cfg.seed, samples.groups)
+    init_src: tuple[ModelBundle, dict[str, Any]] | None = None
+    n_seen_here = 0
+    if cfg.init_from is not None:  # checked (and described in the card) on a resume too
+        src, init_note_src, src_seen = _init_source(cfg.init_from, samples.classes, data_name, data_sha)
+        same_split = src.card.get("split", {}).get("test_sha256") == D.split_digest(
+            [rel[i] for i in split["test"]]
+        )
+        if not same_split:
+            if src_seen is None:
+                raise ConfigError(
+                    str(src.weights_path),
+                    "init_from",
+                    "trained on a different split of the same data (its test images would be trained on)",
+                )
+            forbid = np.array([d in src_seen for d in digests], bool)
+            n_seen_here = int(forbid.sum())
+            split = D.split_disjoint(samples.labels, cfg.seed, samples.groups, forbid)
+            init_note_src = {
+                **init_note_src,
+                "test_split": f"kept disjoint from the source's training images ({n_seen_here} of them here)",
+            }
+        init_src = (src, init_note_src)
     with Image.open(samples.paths[0]) as im0:
         src_w, src_h = im0.size
     emit(
@@ -289,8 +354,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             state.update(loaded)
             emit("resume", {"epoch": state["epoch"]})
     init_note = None
-    if cfg.init_from is not None:  # checked (and described in the card) on a resume too
-        src, init_note = _init_source(cfg.init_from, samples.classes, D.split_digest([rel[i] for i in te]))
+    if init_src is not None:
+        src, init_note = init_src
         if int(state["epoch"]) == 0:
             _warm_start(model, src)
             emit("init", init_note)
@@ -374,6 +439,15 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         }
         if after >= before:
             model.load_state_dict(saved)
+    emit("calibrate", {"n": len(va)})
+    val_probs = _evaluate(model, images[va], labels[va], mean, std, device, None)[3]
+    temperature = fit_temperature(log_probs(val_probs), labels[va])
+    calibration, _, _ = calibration_summary(val_probs, labels[va], temperature)
+    calibration = {
+        **calibration,
+        "fitted_on": f"validation split (n = {len(va)}), no TTA",
+        "method": "temperature scaling (minimum NLL, bounded search over log T)",
+    }
     metrics: dict[str, Any] = {}
     for split_name, ids in (("val", va), ("test", te)):
         if len(ids):
@@ -389,6 +463,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     wall_per_epoch = float(np.median([h["wall_s"] for h in hist])) if hist else None
     ips = float(np.median([h["images_per_s"] for h in hist])) if hist else None
     input_mpp = cfg.mpp * max(src_w, src_h) / cfg.input_px
+    harvest_note, crop = _harvest_record(cfg.data)
     card: dict[str, Any] = {
         "name": name,
         "task": "classifier",
@@ -404,14 +479,24 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "RGB/255 then (x - mean) / std"
         ),
         "normalization": {"mean": [round(v, 5) for v in mean], "std": [round(v, 5) for v in std]},
-        "training_data": {"name": cfg.training_data.get("name", cfg.data.name), **cfg.training_data},
+        "training_data": {"name": data_name, **cfg.training_data, **harvest_note},
         "metrics": metrics,
+        "calibration": calibration,
+        **({"crop": crop} if crop else {}),
         "split_seed": cfg.seed,
         "split": {
             "method": "stratified-group" if samples.groups is not None else "stratified",
             "fractions": [0.8, 0.1, 0.1],
             "counts": {"train": len(tr), "val": len(va), "test": len(te)},
             "test_sha256": D.split_digest([rel[i] for i in te]),
+            "data_sha256": data_sha,
+            # content digests of the training + validation images: a later warm start from
+            # this bundle keeps its test split disjoint from them
+            "seen": sorted({digests[i] for i in np.concatenate([tr, va])}),
+            # which images are val / test, by content: `wsiflow evaluate` and `calibrate`
+            # find them again even when the split was made disjoint from a warm-start source
+            "val_digests": sorted({digests[i] for i in va}),
+            "test_digests": sorted({digests[i] for i in te}),
         },
         "training": {
             "optimizer": "AdamW" if cfg.weight_decay > 0 else "Adam",

@@ -134,7 +134,13 @@ def split_indices(
     if abs(f_train + f_val + f_test - 1) > 1e-6 or min(fractions) <= 0:
         raise ConfigError("", "split", f"fractions must be positive and sum to 1, got {fractions}")
     if groups is not None:
-        k = max(2, round(1 / min(f_val, f_test)))
+        n_groups = len(set(groups))
+        if n_groups < 3:
+            raise ConfigError(
+                "", "split", f"a group-aware split needs at least 3 groups (slides/patients), got {n_groups}"
+            )
+        # one group per fold when there are fewer groups than the fractions ask for
+        k = min(max(2, round(1 / min(f_val, f_test))), n_groups)
         folds = list(
             StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, labels, groups)
         )
@@ -150,6 +156,49 @@ def split_indices(
         rest, test_size=f_val / (f_train + f_val), random_state=seed, stratify=strat_rest
     )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def split_disjoint(
+    labels: np.ndarray, seed: int, groups: Sequence[str] | None, forbid: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Like :func:`split_indices`, but no ``forbid`` item (nor any item of a group holding one)
+    lands in test: e.g. the images a warm-start bundle was trained on. Test is drawn from the
+    eligible items with the usual fractions; val and train from all the rest."""
+    forbid = np.asarray(forbid, bool)
+    if not forbid.any():
+        return split_indices(labels, seed, groups)
+    n = len(labels)
+    if groups is not None:
+        g = np.asarray(groups, dtype=object)
+        bad_groups = set(g[forbid].tolist())
+        forbid = np.array([x in bad_groups for x in g], bool)
+    elig = np.flatnonzero(~forbid)
+    sub_groups = [groups[int(i)] for i in elig] if groups is not None else None
+    if elig.size < 3 or (sub_groups is not None and len(set(sub_groups)) < 3):
+        raise ConfigError(
+            "",
+            "split",
+            f"only {elig.size} image(s) in {len(set(sub_groups or []))} group(s) were never seen by the "
+            "warm-start bundle: too few for a held-out test split (add cells from new slides)",
+        )
+    test = elig[split_indices(labels[elig], seed, sub_groups)["test"]]
+    rest = np.setdiff1d(np.arange(n), test)
+    rest_groups = [groups[int(i)] for i in rest] if groups is not None else None
+    val = rest[split_indices(labels[rest], seed, rest_groups)["val"]]
+    train = np.setdiff1d(rest, val)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def content_digests(paths: Sequence[Path]) -> list[str]:
+    """A short sha256 (16 hex) of each file's bytes: which images a bundle saw, whatever
+    their paths (recorded in the card; a warm start keeps its test split disjoint from them)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16])
+        except OSError as exc:
+            raise ConfigError(str(p), "", f"cannot read image ({exc})") from None
+    return out
 
 
 def split_digest(relpaths: Sequence[str]) -> str:

@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 from wsiflow.atomic import atomic_open
 from wsiflow.cells import COLUMNS, CellTable, closing_index
 from wsiflow.config import ClassDef
+from wsiflow.types import UNCLASSIFIED_COLOR, UNCLASSIFIED_NAME
 
 __all__ = ["cell_uuids", "measurement_names", "write_geojson"]
 
@@ -279,8 +280,9 @@ def _features(table: CellTable, taxonomy: Sequence[ClassDef], slide_id: str) -> 
     if not complete:
         slots *= present[:, :, None]
     classes = [
-        b'"classification":' + orjson.dumps({"name": c.name, "color": list(c.color)}) + b"," for c in taxonomy
-    ]
+        b'"classification":' + orjson.dumps({"name": name, "color": list(color)}) + b","
+        for name, color in [*((c.name, c.color) for c in taxonomy), (UNCLASSIFIED_NAME, UNCLASSIFIED_COLOR)]
+    ]  # row k: class_id -1, a cell below classifier.min_confidence
     lut, _ = _text_rows(k + 1, [np.zeros((k + 1, max(map(len, classes), default=0)), np.uint8)])
     for j, c in enumerate(classes):
         lut[j, : len(c)] = np.frombuffer(c, np.uint8)

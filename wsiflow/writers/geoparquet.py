@@ -15,6 +15,7 @@ import numpy as np
 from wsiflow.atomic import atomic_path
 from wsiflow.cells import CellTable, closing_index
 from wsiflow.config import ClassDef
+from wsiflow.types import UNCLASSIFIED_NAME
 
 __all__ = ["geoparquet_available", "write_geoparquet"]
 
@@ -40,7 +41,7 @@ def write_geoparquet(path: Path, cells: CellTable, taxonomy: Sequence[ClassDef])
     rings = shapely.linearrings(coords, indices=ring_index) if n else np.zeros(0, object)
     polys = shapely.polygons(rings) if n else np.zeros(0, object)
     codes = np.array([c.code for c in taxonomy] + [""], dtype=object)
-    names = np.array([c.name for c in taxonomy] + ["Unclassified"], dtype=object)
+    names = np.array([c.name for c in taxonomy] + [UNCLASSIFIED_NAME], dtype=object)
     cid = cells.class_id.astype(np.int64)
     data: dict[str, object] = {
         "id": cells.id,

@@ -67,6 +67,7 @@ __all__ = [
     "REPORT_NAME",
     "find_slide_dirs",
     "gallery_cell_ids",
+    "gallery_crop",
     "write_cohort_report",
     "write_slide_report",
 ]
@@ -281,7 +282,7 @@ def _zoom(
     return figures.jpeg_bytes(region, 88), box, n
 
 
-def _crop(
+def gallery_crop(
     slide: Any, bbox: NDArray[np.float64], cls_mpp: float, pad_um: float, rule: str = "bbox-square"
 ) -> NDArray[np.uint8]:
     """The cell as the classifier saw it: its square by the pipeline's crop ``rule`` (the
@@ -506,7 +507,7 @@ def _gallery_context(
                 if slide is not None:
                     try:
                         img = figures.data_uri(
-                            figures.jpeg_bytes(_crop(slide, cells.bbox[i], cls_mpp, pad_um, rule), 88)
+                            figures.jpeg_bytes(gallery_crop(slide, cells.bbox[i], cls_mpp, pad_um, rule), 88)
                         )
                     except WsiflowError as exc:
                         log.debug("crop of cell %s failed: %s", cid, exc)
