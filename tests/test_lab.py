@@ -167,3 +167,34 @@ def test_cli_harvest_bad_label_is_one_line(run, tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Unicorn" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_harvested_crops_are_what_inference_classified(tmp_path: Path) -> None:
+    """A real `wsiflow run` (demo models): the harvested crop of a cell, fed to the pipeline's
+    classifier, gives exactly the probabilities the run stored for it."""
+    from PIL import Image
+
+    from wsiflow.classify import Classifier
+    from wsiflow.models.bundle import ModelBundle
+    from wsiflow.writers.zarr_store import CellStore
+
+    def cli(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "wsiflow", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    cli("synth", str(tmp_path / "s.svs"), "--size", "2000x1600", "--seed", "12")
+    cli("run", str(tmp_path / "s.svs"), "-o", str(tmp_path / "res"), "--workers", "1", "--no-progress")
+    cli("review", str(tmp_path / "res"), "-o", str(tmp_path / "rev"), "--n", "25", "--no-gallery")
+    export = _export_as_qupath(tmp_path / "rev" / "s.geojson", tmp_path / "qp" / "s.geojson")
+    cli("harvest", str(tmp_path / "res"), "--labels", str(export), "-o", str(tmp_path / "cells"))
+    rows = list(csv.DictReader((tmp_path / "cells" / "manifest.csv").open()))
+    assert len(rows) == 25
+    pipe = load_pipeline("mds")
+    clf = Classifier(ModelBundle.load(pipe.classifier.bundle, pipe.classifier.sha256), pipe.classifier)
+    probs = clf.predict(np.stack([np.asarray(Image.open(tmp_path / "cells" / r["path"])) for r in rows]))
+    store = CellStore.open(tmp_path / "res" / "s" / "cells.zarr")
+    ids, stored = store.read_column("id"), store.read_column("probs")
+    row_of = {int(i): k for k, i in enumerate(ids)}
+    expect = np.stack([stored[row_of[int(r["cell_id"])]] for r in rows])
+    np.testing.assert_array_equal(probs, expect)
