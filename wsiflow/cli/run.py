@@ -88,6 +88,12 @@ def run(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="With --resume: also re-run the failed tiles of finished outputs."
     ),
+    roi: Path | None = typer.Option(
+        None,
+        "--roi",
+        help="QuPath annotations (GeoJSON polygons): one file, or a folder of <slide-stem>.geojson; "
+        "only tiles meeting them are read and only cells inside count.",
+    ),
     batch_tiles: int | None = typer.Option(
         None, "--batch-tiles", help="Most tiles per task (default: the pipeline's)."
     ),
@@ -128,6 +134,7 @@ def run(
         flush_seconds=checkpoint_seconds,
         report=report,
         retry_failed=retry_failed,
+        roi=roi,
     )
     cluster_options = ClusterOptions(
         scheduler=scheduler,

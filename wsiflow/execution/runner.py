@@ -109,6 +109,7 @@ class RunOptions:
     flush_seconds: float = 10.0  # the store makes finished tiles durable at least this often
     report: bool = True  # OUT/<slide>/report.html and OUT/report.html
     retry_failed: bool = False  # with resume: re-run the failed tiles of finished stores too
+    roi: Path | None = None  # QuPath annotations: one file, or a folder of <slide-stem>.geojson
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -122,6 +123,8 @@ class RunOptions:
         for key, value in (("--batch-tiles", self.batch_tiles), ("--max-in-flight", self.max_in_flight)):
             if value is not None and value < 1:
                 raise ConfigError("", key, "must be at least 1")
+        if self.roi is not None and not Path(self.roi).exists():
+            raise ConfigError(str(self.roi), "--roi", "file or folder not found")
         if self.flush_seconds < 0:
             raise ConfigError("", "--checkpoint-seconds", "must be at least 0")
 
@@ -384,6 +387,7 @@ class Runner:
             "slide": plan.identity,
             "taxonomy": [c.model_dump(mode="json") for c in self.pipeline.taxonomy],
             "tiles_selected": [t.id for t in plan.tiles],
+            **({"rois": plan.rois.to_json()} if plan.rois is not None else {}),
         }
 
     def _open_store(self, plan: SlidePlan, out_dir: Path, result: SlideResult) -> CellStore | None:
@@ -410,7 +414,7 @@ class Runner:
         )
 
     def _run_slide(self, path: str, out_dir: Path, result: SlideResult) -> None:
-        plan = plan_slide(path, self.pipeline, self.options.mpp, self.options.backend)
+        plan = plan_slide(path, self.pipeline, self.options.mpp, self.options.backend, self.options.roi)
         result.tiles_total = len(plan.tiles)
         store = self._open_store(plan, out_dir, result)
         if store is None:  # complete from an earlier run: same numbers, nothing recomputed
@@ -450,6 +454,7 @@ class Runner:
             batch.tiles,
             self.pipeline,
             self.models,
+            plan.rois,
             pure=False,
             key=f"wsiflow-batch-{batch.tiles[0].id}-{batch.attempts}-{os.urandom(6).hex()}",
         )
@@ -576,6 +581,7 @@ def _check_resumable(have: dict[str, Any], want: dict[str, Any], where: Path) ->
         ("pipeline", "the pipeline settings"),
         ("models", "the model bundles"),
         ("tiles_selected", "the selected tiles"),
+        ("rois", "the regions of interest"),
     ):
         if have.get(key) != want.get(key):
             raise OutputError(f"{where}: cannot resume: {what} changed since it was started; use --overwrite")

@@ -21,6 +21,7 @@ from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, ModelError, SlideError, WsiflowError
 from wsiflow.execution.worker import ModelRefs, SlideRef, get_models, get_slide
 from wsiflow.pipeline.batch import process_batch
+from wsiflow.roi import Rois
 from wsiflow.tiling import Tile
 
 __all__ = ["BatchResult", "Scope", "TaskError", "run_batch"]
@@ -53,7 +54,11 @@ class BatchResult:
 
 
 def run_batch(
-    slide_ref: SlideRef, tiles: Sequence[Tile], pipeline: Pipeline, models: ModelRefs
+    slide_ref: SlideRef,
+    tiles: Sequence[Tile],
+    pipeline: Pipeline,
+    models: ModelRefs,
+    rois: Rois | None = None,
 ) -> BatchResult:
     """:func:`wsiflow.pipeline.batch.process_batch` on the worker's cached slide and models,
     with its errors scoped for the runner."""
@@ -67,7 +72,7 @@ def run_batch(
         raise TaskError("slide", str(exc)) from None
     unreadable: dict[str, list[float]] = {}
     try:
-        table = process_batch(slide, tiles, pipeline, loaded, unreadable)
+        table = process_batch(slide, tiles, pipeline, loaded, unreadable, rois)
     except SlideError as exc:
         raise TaskError("tile", exc.reason) from None
     except WsiflowError as exc:

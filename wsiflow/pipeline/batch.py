@@ -34,6 +34,7 @@ from wsiflow.tiling import Tile
 
 if TYPE_CHECKING:
     from wsiflow.classify import Classifier
+    from wsiflow.roi import Rois
     from wsiflow.segment import Segmenter
     from wsiflow.slide import Slide
 
@@ -116,12 +117,14 @@ def process_batch(
     pipeline: Pipeline,
     models: LoadedModels,
     unreadable: dict[str, list[float]] | None = None,
+    rois: Rois | None = None,
 ) -> CellTable:
     """Segment and classify ``tiles`` of one opened slide; the cells they own, in tile order.
 
     A corrupt source tile of the file is read as white (only its area is lost); when
     ``unreadable`` is given, each such tile met is added as ``"level/col/row"`` → its
-    level-0 box [x0, y0, x1, y1]. Raises :class:`~wsiflow.errors.SlideError` when a tile
+    level-0 box [x0, y0, x1, y1]. With ``rois`` only the cells whose centroid lies in a
+    region are kept (the others are never counted). Raises :class:`~wsiflow.errors.SlideError` when a tile
     cannot be read at all (the runner then isolates and records the failing tile).
     """
     slide.unreadable.clear()
@@ -137,4 +140,7 @@ def process_batch(
     if unreadable is not None:
         for (level, col, row), box in slide.unreadable.items():
             unreadable[f"{level}/{col}/{row}"] = [float(v) for v in box]
-    return CellTable.concat(tables, n_classes=len(pipeline.taxonomy))
+    table = CellTable.concat(tables, n_classes=len(pipeline.taxonomy))
+    if rois is not None and len(table):
+        table = table.take(rois.inside_any(table.x, table.y))
+    return table

@@ -57,6 +57,9 @@ class StoreSummary:
     summary: SlideSummary
     failed_tiles: frozenset[int]
     n_cells: int
+    # per region of interest (``--roi``): name, area, cells and their own summary; the slide's
+    # summary above is their union
+    rois: tuple[dict[str, Any], ...] = ()
 
 
 def model_meta(bundles: Sequence[ModelBundle]) -> dict[str, dict[str, Any]]:
@@ -79,9 +82,9 @@ def summarize_store(plan: SlidePlan, store: CellStore, pipeline: Pipeline) -> St
     w, h = plan.identity["dimensions"]  # the grid's cores tile the whole slide
     unreadable = unreadable_tiles(store)
     lost = sum((b[2] - b[0]) * (b[3] - b[1]) for b in unreadable.values())
-    summary = summarize(
-        class_ids,
-        pipeline,
+    counted = functools.partial(
+        summarize,
+        pipeline=pipeline,
         failed_tiles=len(failed_set),
         failed_area_fraction=failed_area / selected_area,
         tiles_total=len(plan.tiles),
@@ -89,7 +92,20 @@ def summarize_store(plan: SlidePlan, store: CellStore, pipeline: Pipeline) -> St
         unreadable_tiles=len(unreadable),
         unreadable_area_fraction=min(1.0, lost / selected_area),
     )
-    return StoreSummary(summary, failed_set, len(class_ids))
+    rois: list[dict[str, Any]] = []
+    if plan.rois is not None:
+        inside = plan.rois.inside(store.read_column("x"), store.read_column("y"))
+        mpp = float(plan.identity.get("mpp") or 0.0)
+        for name, geom, mask in zip(plan.rois.names, plan.rois.geoms, inside, strict=True):
+            rois.append(
+                {
+                    "name": name,
+                    "area_mm2": round(float(geom.area) * mpp * mpp / 1e6, 6),
+                    "n_cells": int(mask.sum()),
+                    "summary": counted(class_ids[mask]).to_dict(),
+                }
+            )
+    return StoreSummary(counted(class_ids), failed_set, len(class_ids), tuple(rois))
 
 
 def unreadable_tiles(store: CellStore) -> dict[str, list[float]]:
@@ -138,6 +154,7 @@ def finish_slide(
         ),
         summary=done.summary,
         wsiflow_version=__version__,
+        rois=done.rois,
     )
     summary_writer.write_summary_json(out_dir / "summary.json", record.to_json())
     store.finalize({"summary_status": done.summary.status})

@@ -2,9 +2,10 @@
 
 :func:`plan_slide` opens the slide, requires a trustworthy µm/px (the file's, or the
 ``--mpp`` override), builds the tile grid at ``seg_mpp`` (+ halo), drops background tiles
-with the tissue mask of a thumbnail (:func:`wsiflow.tissue.slide_tissue_mask`) and records
-the slide's identity (:meth:`wsiflow.slide.Slide.identity`). Nothing is read at full
-resolution here.
+with the tissue mask of a thumbnail (:func:`wsiflow.tissue.slide_tissue_mask`), keeps only
+the tiles that meet the slide's regions of interest when ``--roi`` gives some
+(:mod:`wsiflow.roi`) and records the slide's identity (:meth:`wsiflow.slide.Slide.identity`).
+Nothing is read at full resolution here.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 from wsiflow.config import Pipeline
 from wsiflow.errors import MppError, SlideError
+from wsiflow.roi import Rois, load_rois, roi_file_for
 from wsiflow.slide import open_slide
 from wsiflow.tiling import Tile, TileGrid
 from wsiflow.tissue import select_tiles, slide_tissue_mask
+from wsiflow.writers.paths import slide_stem
 
 __all__ = ["SlidePlan", "plan_slide", "slide_name"]
 
@@ -26,8 +29,9 @@ __all__ = ["SlidePlan", "plan_slide", "slide_name"]
 class SlidePlan:
     identity: dict[str, Any]  # Slide.identity(): path (absolute, or the URL), size, mpp, …
     grid: TileGrid
-    tiles: list[Tile]  # selected (stained) tiles
+    tiles: list[Tile]  # selected tiles: stained, and meeting a region of interest if any
     tissue_fraction: float
+    rois: Rois | None = None  # where cells count (QuPath annotations), None: the whole slide
 
     @property
     def path(self) -> str:
@@ -41,7 +45,12 @@ def slide_name(path: str) -> str:
     return base or path
 
 
-def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto") -> SlidePlan:
+def plan_slide(
+    path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto", roi: Path | None = None
+) -> SlidePlan:
+    """The plan of one slide; ``roi`` is ``--roi``: one annotation file for every slide, or a
+    folder of ``<slide-stem>.geojson`` (a slide without a file there is analysed whole)."""
+    roi_file = roi_file_for(roi, slide_stem(path)) if roi is not None else None
     if "://" not in path:
         p = Path(path)
         if p.is_dir():
@@ -57,7 +66,10 @@ def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = 
         grid = TileGrid.from_pipeline(w, h, float(slide.mpp), pipeline)
         mask = slide_tissue_mask(slide, (w, h), float(slide.mpp), pipeline.tissue)
         tiles, fraction = select_tiles(grid, mask, pipeline.tissue.min_tile_fraction)
+        rois = load_rois(roi_file, (w, h)) if roi_file is not None else None
+        if rois is not None:
+            tiles = rois.tiles_meeting(tiles)  # only these are read
         identity = slide.identity()
     finally:
         slide.close()
-    return SlidePlan(identity, grid, tiles, fraction)
+    return SlidePlan(identity, grid, tiles, fraction, rois)

@@ -79,6 +79,8 @@ class SlideRecord:
     tiles: TileCounts | None = None
     summary: SlideSummary | None = None
     wsiflow_version: str | None = None
+    # ``--roi``: per region, its name, area (mm²), cells and summary (the slide's is their union)
+    rois: tuple[Mapping[str, Any], ...] = ()
 
     # ------------------------------------------------------------------ summary.json
     def to_json(self) -> dict[str, Any]:
@@ -98,6 +100,7 @@ class SlideRecord:
                 "unreadable_source_tiles": {k: list(v) for k, v in sorted(self.tiles.unreadable.items())},
             },
             "summary": self.summary.to_dict(),
+            **({"rois": [dict(r) for r in self.rois]} if self.rois else {}),
         }
 
     @classmethod
@@ -126,6 +129,7 @@ class SlideRecord:
             tiles=tiles,
             summary=summary,
             wsiflow_version=doc.get("wsiflow_version"),
+            rois=tuple(dict(r) for r in doc.get("rois") or () if isinstance(r, Mapping)),
         )
 
     # ------------------------------------------------------------------ summary.csv

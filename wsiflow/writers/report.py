@@ -231,10 +231,27 @@ def _palette(taxonomy: Sequence[ClassDef]) -> NDArray[np.uint8]:
     return np.asarray([c.color for c in taxonomy], np.uint8)
 
 
+def _roi_rings(attrs: Mapping[str, Any]) -> list[NDArray[np.float64]]:
+    """Exterior rings (level-0 px) of the run's regions of interest (store attribute ``rois``)."""
+    rings: list[NDArray[np.float64]] = []
+    for r in attrs.get("rois") or []:
+        geom = r.get("geometry") if isinstance(r, Mapping) else None
+        if not isinstance(geom, Mapping):
+            continue
+        polys = [geom["coordinates"]] if geom.get("type") == "Polygon" else geom.get("coordinates", [])
+        rings += [np.asarray(p[0], np.float64) for p in polys if p]
+    return rings
+
+
 def _overview(
-    slide: Any, cells: CellColumns | None, palette: NDArray[np.uint8], zoom_box: tuple[float, ...] | None
+    slide: Any,
+    cells: CellColumns | None,
+    palette: NDArray[np.uint8],
+    zoom_box: tuple[float, ...] | None,
+    rois: Sequence[NDArray[np.float64]] = (),
 ) -> tuple[bytes, bytes]:
-    """(plain thumbnail JPEG, thumbnail with cells JPEG); the zoomed region is outlined."""
+    """(plain thumbnail JPEG, thumbnail with cells JPEG); the zoomed region is outlined, and
+    the regions of interest (``--roi``) are drawn in blue."""
     thumb = slide.thumbnail(OVERVIEW_MAX_PX)
     W, H = slide.dimensions
     sx, sy = thumb.shape[1] / W, thumb.shape[0] / H
@@ -248,10 +265,14 @@ def _overview(
         fill = math.sqrt(1.5 * thumb.shape[0] * thumb.shape[1] / (math.pi * len(cells)))
         radius = max(1, min(radius, math.floor(fill)))
         drawn = figures.stamp_cells(thumb, cells.x * sx, cells.y * sy, cells.class_id, palette, radius)
-    if zoom_box is not None:
+    if zoom_box is not None or rois:
         img = Image.fromarray(drawn)
-        x0, y0, x1, y1 = zoom_box
-        ImageDraw.Draw(img).rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=(0, 0, 0), width=3)
+        draw = ImageDraw.Draw(img)
+        for ring in rois:
+            draw.line([(float(x) * sx, float(y) * sy) for x, y in ring], fill=(0, 90, 255), width=2)
+        if zoom_box is not None:
+            x0, y0, x1, y1 = zoom_box
+            draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=(0, 0, 0), width=3)
         drawn = np.asarray(img)
     return figures.jpeg_bytes(thumb, 82), figures.jpeg_bytes(drawn, 85)
 
@@ -421,6 +442,7 @@ def write_slide_report(
         "partial": data.partial,
         "mode": mode,
         "summary": summary,
+        "rois": [r for r in data.doc.get("rois") or [] if isinstance(r, dict)],
         "lineages": lineages,
         "blast": blast if isinstance(blast, dict) else None,
         "classes": class_rows,
@@ -451,7 +473,7 @@ def write_slide_report(
 def _slide_images(slide: Any, data: _SlideData, palette: NDArray[np.uint8]) -> dict[str, Any]:
     zoom_mpp = max(float(slide.mpp), data.pipeline.resolution.seg_mpp if data.pipeline else 0.5)
     zoom_jpg, box, n_drawn = _zoom(slide, data.cells, palette, zoom_mpp)
-    plain, drawn = _overview(slide, data.cells, palette, box)
+    plain, drawn = _overview(slide, data.cells, palette, box, _roi_rings(data.attrs))
     return {
         "thumbnail": figures.data_uri(plain),
         "overview": figures.data_uri(drawn),
