@@ -285,7 +285,7 @@ def _crop(
 ) -> NDArray[np.uint8]:
     """The cell as the classifier saw it: its square by the pipeline's crop ``rule`` (the
     classifier's own :func:`~wsiflow.classify.crop_cells`), read at cls_mpp, resized."""
-    from wsiflow.classify import crop_cells
+    from wsiflow.crop import crop_cells
 
     scale = slide.read_level0_scale(cls_mpp)
     x0, y0, x1, y1 = (float(v) for v in bbox)
