@@ -25,6 +25,7 @@ pixels. Every step is deterministic, so a task that Dask runs twice (worker loss
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -223,22 +224,54 @@ def _read_size(box_w: float, box_h: float, scale: float) -> tuple[int, int]:
     return max(1, round(box_w / scale)), max(1, round(box_h / scale))
 
 
-def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels) -> CellTable:
-    """One tile → the classified cells it owns (ids final, level-0 px)."""
+MAX_GROW = 2
+"""Re-reads of a tile with a box grown by one more halo each, for owned cells the read edge cut."""
+
+
+def _grown(tile: Tile, extra_px: int) -> Tile:
+    """``tile`` with its read box grown by ``extra_px`` seg px on every side (same core)."""
+    r = tile.read
+    s = r.w / tile.read_px[0]  # level-0 px per seg px
+    read = Box(r.x - extra_px * s, r.y - extra_px * s, r.w + 2 * extra_px * s, r.h + 2 * extra_px * s)
+    px = (tile.read_px[0] + 2 * extra_px, tile.read_px[1] + 2 * extra_px)
+    return Tile(tile.id, tile.row, tile.col, tile.core, read, tile.core_px, px)
+
+
+def process_tile(
+    slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels, cut: list[int] | None = None
+) -> CellTable:
+    """One tile → the classified cells it owns (ids final, level-0 px).
+
+    A cell whose centroid is in the core but which the read box's edge cuts (a clump the
+    watershed did not split, an object beyond ``max_object_um``) is never dropped silently:
+    the tile is read again with a box grown by one more halo (up to :data:`MAX_GROW` times;
+    the core and its owned cells are otherwise the same, the halo already covering the
+    segmenter's context). Cells still cut then are left out and their number appended to
+    ``cut`` (the summary counts them)."""
     from wsiflow.classify import crop_cells
 
     n_classes = len(pipeline.taxonomy)
     seg_mpp = pipeline.resolution.seg_mpp
     cls_mpp = pipeline.resolution.cls_mpp
-    box = tile.read
-    w = tile.read_px[0]
-    rgb, image, (cw, ch) = read_seg_image(slide, tile, seg_mpp, cls_mpp)
     # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
-    # builds only the cells this tile owns: centroid in the core, not cut by the read box's edge
+    # builds only the cells this tile owns: centroid in the core (those cut by the edge flagged)
     core = tile.core
     owned_box = (core.x, core.y, core.x1, core.y1)
-    cells, _ = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, owned_box)
-    del rgb
+    halo_px = math.ceil(pipeline.tiling.halo_um / seg_mpp - 1e-9)
+    read_tile = tile
+    for grow in range(MAX_GROW + 1):
+        read_tile = _grown(tile, grow * halo_px) if grow else tile
+        box, w = read_tile.read, read_tile.read_px[0]
+        rgb, image, (cw, ch) = read_seg_image(slide, read_tile, seg_mpp, cls_mpp)
+        cells, edge = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, owned_box, True)
+        del rgb
+        if not edge.any():
+            break
+    if edge.any():
+        if cut is not None:
+            cut.append(int(edge.sum()))
+        log.warning("tile %s: %d owned cell(s) cut by the read edge", tile.id, int(edge.sum()))
+        cells = cells.take(~edge)
     if len(cells) == 0:
         return CellTable.empty(n_classes)
     order = np.lexsort((cells.x, cells.y))  # by y, then x: deterministic numbering
@@ -330,14 +363,16 @@ def process_batch(
     pipeline: Pipeline,
     models: ModelRefs,
     unreadable: dict[str, list[float]] | None = None,
+    cut_cells: dict[int, int] | None = None,
 ) -> CellTable:
     """Segment and classify ``tiles`` of one slide; the cells they own, in tile order.
 
     A corrupt source tile of the file is read as white (only its area is lost); when
     ``unreadable`` is given, each such tile met is added as ``"level/col/row"`` → its
-    level-0 box [x0, y0, x1, y1]. Raises :class:`~wsiflow.errors.SlideError` when the slide
-    cannot be opened or a tile cannot be read at all (the runner then isolates and records
-    the failing tile).
+    level-0 box [x0, y0, x1, y1]. ``cut_cells`` gets tile id → owned cells left out because
+    the read edge cut them even in the grown box (see :func:`process_tile`). Raises
+    :class:`~wsiflow.errors.SlideError` when the slide cannot be opened or a tile cannot be
+    read at all (the runner then isolates and records the failing tile).
     """
     slide = get_slide(slide_ref)
     loaded = get_models(models, pipeline)
@@ -345,7 +380,10 @@ def process_batch(
     tables: list[CellTable] = []
     for tile in tiles:
         try:
-            tables.append(process_tile(slide, tile, pipeline, loaded))
+            cut: list[int] = []
+            tables.append(process_tile(slide, tile, pipeline, loaded, cut))
+            if cut and cut_cells is not None:
+                cut_cells[tile.id] = sum(cut)
         except SlideError:
             raise
         except OSError as exc:

@@ -116,12 +116,14 @@ class Segmenter:
         scale: float,
         mpp: float,
         core: tuple[float, float, float, float] | None = None,
+        keep_cut: bool = False,
     ) -> tuple[CellTable, NDArray[np.bool_]]:
         """Cells of ``rgb`` (read at ``mpp`` µm/px; its top-left is level-0 ``origin_xy``;
         ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,)).
-        With ``core`` (level-0 ``x0, y0, x1, y1``), only the cells a tile owns are built."""
+        With ``core`` (level-0 ``x0, y0, x1, y1``), only the cells a tile owns are built
+        (``keep_cut``: also those cut by the image edge, flagged in touches_edge)."""
         cell, nucleus = self.probability_maps(rgb, mpp)
-        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, core)
+        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, core, keep_cut)
 
 
 def _labels(
@@ -248,12 +250,15 @@ def instances_from_probs(
     scale: float,
     mpp: float,
     core: tuple[float, float, float, float] | None = None,
+    keep_cut: bool = False,
 ) -> tuple[CellTable, NDArray[np.bool_]]:
     """Probability maps → (CellTable, touches_edge). See the module docstring for conventions.
 
     ``core`` (level-0 ``x0, y0, x1, y1``, end-exclusive): keep only the cells a tile owns —
     centroid inside the core and not touching the image edge — *before* their polygons are
-    traced, so halo cells (a third of a tile's cells) cost no contour work."""
+    traced, so halo cells (a third of a tile's cells) cost no contour work. ``keep_cut``
+    keeps the core's cells that touch the image edge too (flagged), so the caller can
+    re-read a larger box for them instead of losing them."""
     labels = _labels(prob, nucleus, cfg, mpp)
     n_lab = int(labels.max())
     if n_lab == 0:
@@ -277,7 +282,9 @@ def instances_from_probs(
     x = ox + (sum_c[keep] / cnt + 0.5) * scale
     y = oy + (sum_r[keep] / cnt + 0.5) * scale
     if core is not None:
-        owned = (x >= core[0]) & (x < core[2]) & (y >= core[1]) & (y < core[3]) & ~border[keep]
+        owned = (x >= core[0]) & (x < core[2]) & (y >= core[1]) & (y < core[3])
+        if not keep_cut:
+            owned &= ~border[keep]
         keep, cnt, x, y = keep[owned], cnt[owned], x[owned], y[owned]
         if len(keep) == 0:
             return CellTable.empty(0), np.zeros(0, bool)

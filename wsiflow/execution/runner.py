@@ -116,6 +116,7 @@ class SlideResult:
     tiles_computed: list[int] = field(default_factory=list)
     failed_tiles: dict[int, str] = field(default_factory=dict)
     unreadable: dict[str, list[float]] = field(default_factory=dict)  # corrupt source tiles read as white
+    cut_cells: dict[str, int] = field(default_factory=dict)  # tile id → owned cells lost to the read edge
     summary: dict[str, Any] | None = None
     row: dict[str, Any] | None = None  # flat summary.csv columns (SlideSummary.to_row)
     seconds: float = 0.0
@@ -499,9 +500,11 @@ class Runner:
                 if fut.status == "finished":
                     res: BatchResult = fut.result()
                     table: CellTable = res.table
-                    if set(res.unreadable) - set(result.unreadable):
+                    if set(res.unreadable) - set(result.unreadable) or res.cut_cells:
                         result.unreadable.update(res.unreadable)
-                        store.update_attrs({"unreadable": result.unreadable})  # survives a crash
+                        result.cut_cells.update({str(k): v for k, v in res.cut_cells.items()})
+                        # in the store as they arrive, so a resumed run still counts them
+                        store.update_attrs({"unreadable": result.unreadable, "cut_cells": result.cut_cells})
                     store.append(table, batch.ids)
                     result.tiles_computed.extend(batch.ids)
                     result.n_cells += len(table)
@@ -562,6 +565,7 @@ class Runner:
         class_ids = store.read_column("class_id")  # one small column, not the polygons
         w, h = plan.identity["dimensions"]  # the grid's cores tile the whole slide
         result.unreadable = {**(store.attrs.get("unreadable") or {}), **result.unreadable}
+        result.cut_cells = {**(store.attrs.get("cut_cells") or {}), **result.cut_cells}
         lost = sum((b[2] - b[0]) * (b[3] - b[1]) for b in result.unreadable.values())
         summary = summarize(
             class_ids,
@@ -571,6 +575,7 @@ class Runner:
             tiles_total=len(plan.tiles),
             tissue_skipped_fraction=max(0.0, 1.0 - sum(t.core.w * t.core.h for t in plan.tiles) / (w * h)),
             unreadable_tiles=len(result.unreadable),
+            cells_cut_at_read_edge=sum(result.cut_cells.values()),
             unreadable_area_fraction=min(1.0, lost / selected_area),
         )
         result.n_cells = len(class_ids)
