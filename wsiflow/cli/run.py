@@ -106,6 +106,8 @@ def format_table(results: list[SlideResult], pipeline: Pipeline) -> str:
                 cells.append(f"{_pct(d['fraction'])} ({d['flag']})" if d else "-")
             blast = s.get("blast") or {}
             band = f" ({blast['band']})" if blast.get("band") else ""
+            if blast.get("call") and blast.get("band") and blast["call"] != blast["band"]:
+                band = f" ({blast['band']}; {blast['call']})"  # e.g. uncertain between bands
             cells.append(_pct(blast.get("fraction")) + band if blast else "-")
         status = r.status
         if r.failed_tiles and r.ok:
