@@ -347,3 +347,12 @@ def test_tissue_skipped_fraction_is_reported(mds: Pipeline) -> None:
     s = summarize(np.zeros(0, np.int16), mds, tiles_total=3, tissue_skipped_fraction=0.97)
     assert s.tissue_skipped_fraction == 0.97 and s.to_row()["tissue_skipped_fraction"] == 0.97
     assert any("97.0% of the slide" in n for n in s.notes)
+
+
+def test_the_run_table_says_when_the_blast_band_is_uncertain(mds: Pipeline) -> None:
+    from wsiflow.cli.run import format_table
+    from wsiflow.execution.runner import SlideResult
+
+    s = summarize(_ids(blast=23, other=477), mds)  # 4.6 %, interval 3.1-6.8 %
+    r = SlideResult(path="a.svs", name="a.svs", out_dir=None, status=s.status, summary=s.to_dict())
+    assert "4.6% (<5%; uncertain between bands)" in format_table([r], mds)

@@ -141,3 +141,36 @@ def test_tta_is_rotation_invariant() -> None:
     b = predict_probs(model, turned, [0.5] * 3, [0.2] * 3, tta=True)
     np.testing.assert_allclose(a, b, atol=1e-4)
     np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
+
+
+def test_training_crops_are_made_as_the_pipeline_makes_them(tmp_path: Path, standin_models) -> None:
+    """FieldCropper: the pipeline's segmenter finds the field's centre cell, its crop rule
+    crops it (bbox-zero-pad here: an elongated cell gets black bands, no neighbours);
+    load_images uses those crops, and a field without a cell stays whole."""
+    from PIL import Image
+    from standins import BACKGROUND, NUCLEUS, standin_pipeline
+
+    from wsiflow.config import parse_pipeline
+    from wsiflow.train.data import load_images
+    from wsiflow.train.field_crops import FieldCropper
+
+    data = standin_pipeline(*standin_models)
+    data["classifier"]["crop"] = {"rule": "bbox-zero-pad", "pad_um": 0.0}
+    pipe = parse_pipeline(data)
+    yy, xx = np.mgrid[0:120, 0:120]
+    field = np.empty((120, 120, 3), np.uint8)
+    field[:] = BACKGROUND
+    field[((xx + 0.5 - 60) / 16) ** 2 + ((yy + 0.5 - 60) / 7) ** 2 <= 1] = NUCLEUS  # 32 × 14 px, centred
+    field[(xx + 0.5 - 12) ** 2 + (yy + 0.5 - 12) ** 2 <= 64] = (30, 160, 40)  # a neighbour in a corner
+    crop = FieldCropper(pipe, field_mpp=0.5, input_px=75)
+    out = crop(field)
+    assert out is not None and out.shape == (75, 75, 3)
+    assert (out[:15] == 0).all() and (out[-15:] == 0).all()  # black above and below the wide box
+    assert np.abs(out[37, 37].astype(int) - NUCLEUS).max() <= 10  # the centre cell, not the corner one
+    assert crop(np.full((120, 120, 3), BACKGROUND, np.uint8)) is None and crop.missed == 1
+    Image.fromarray(field).save(tmp_path / "a.png")
+    Image.fromarray(np.full((120, 120, 3), BACKGROUND, np.uint8)).save(tmp_path / "empty.png")
+    imgs = load_images([tmp_path / "a.png", tmp_path / "empty.png"], 75, cropper=crop)
+    assert np.array_equal(imgs[0], out)
+    assert (imgs[1] == BACKGROUND).all()  # no cell: the whole field
+    assert "bbox-zero-pad" in crop.describe() and "2 of 4 field(s) without a detected cell" in crop.describe()

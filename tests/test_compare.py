@@ -110,3 +110,18 @@ def test_demo_table_puts_measured_next_to_truth() -> None:
     assert "50.0%" in ery and "[9.0%, 91.0%]" in ery and "uncertain" in ery and "truth 1/2" in ery
     assert "granulocytic" in text  # a lineage the run did not report still shows its truth
     assert "recall 1.000, precision 1.000, 0 counted twice" in text
+
+
+def test_blast_fraction_uses_the_runs_denominator_rule() -> None:
+    """The run's blast interval is over nucleated cells without megakaryocytes: the truth
+    it is checked against must be too (1 blast of 4 non-megakaryocytes, not of 5 cells)."""
+    t = _truth()
+    px, py = np.array([100.0, 300.0, 500.0, 700.0, 900.0]), np.full(5, 100.0)
+    codes = ("EN", "ED", "GN", "blast", "MN")
+    blast = {"ci_low": 0.2, "ci_high": 0.3}
+    summary = {"denominator_rule": "nucleated-without-megakaryocytes", "blast": blast}
+    c = compare(t, Detections(px, py, codes, summary))
+    assert c.fractions["blast"]["truth"] == pytest.approx(1 / 4)
+    assert c.fractions["blast"]["measured"] == pytest.approx(1 / 4) and c.fractions["blast"]["truth_in_ci"]
+    c = compare(t, Detections(px, py, codes, {"denominator_rule": "nucleated"}))
+    assert c.fractions["blast"]["truth"] == pytest.approx(1 / 5)

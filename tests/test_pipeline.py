@@ -184,3 +184,47 @@ def test_process_tile_crops_by_the_pipelines_rule(smear, standin_models, monkeyp
     table = process_batch(s, grid.tiles[:4], pipe, get_models(refs, pipe))
     assert len(table) == sum(len(c) for _, c in seen) > 0
     assert {rule for rule, _ in seen} == {"bbox-zero-pad"}
+
+
+def test_an_owned_cell_the_read_edge_cuts_is_read_again_not_lost(
+    tmp_path: Path, standin_models, monkeypatch
+) -> None:
+    """A 60-µm clump (beyond max_object_um, 24 µm here) centred in one tile's core: the read
+    edge cuts it, so that tile is read again with a grown box and keeps it whole, exactly
+    once (before: both tiles that saw it cut dropped it, silently). Without the re-read
+    (MAX_GROW = 0) it is lost, and counted."""
+    from standins import BACKGROUND, NUCLEUS, SLIDE_H, SLIDE_MPP, SLIDE_W
+
+    import wsiflow.pipeline.batch as pipeline_mod
+    from wsiflow.slide.writer import write_pyramid_tiff
+
+    yy, xx = np.mgrid[0:SLIDE_H, 0:SLIDE_W]
+    img = np.empty((SLIDE_H, SLIDE_W, 3), np.uint8)
+    img[:] = BACKGROUND
+    truth = np.array([[250.0, 400.0], [100.0, 600.0], [700.0, 600.0]])
+    for (cx, cy), r in zip(truth, (60, 9, 9), strict=True):  # the clump spans x 190..310
+        img[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r] = NUCLEUS
+    path = tmp_path / "clump.svs"
+    write_pyramid_tiff(path, img, mpp=SLIDE_MPP, compression="zlib")
+    pipe = _pipe(standin_models, TILE_UM_A)  # 256-px cores, 32-px halo: column 0 reads x < 288
+    refs, _ = resolve_models(pipe, "cpu")
+    slide, models = get_slide(SlideRef(str(path))), get_models(refs, pipe)
+    grid = TileGrid.from_pipeline(SLIDE_W, SLIDE_H, SLIDE_MPP, pipe)
+
+    def run() -> tuple[CellTable, dict[int, int]]:
+        cut: dict[int, int] = {}
+        tables = [process_batch(slide, [t], pipe, models, cut_cells=cut) for t in grid.tiles]
+        return CellTable.concat(tables, len(pipe.taxonomy)), cut
+
+    table, cut = run()
+    assert match_centres(np.column_stack([table.x, table.y]), truth) == [1, 1, 1] and len(table) == 3
+    big = int(np.argmax(table.area_um2))
+    assert tuple(table.bbox[big]) == pytest.approx((190, 340, 310, 460), abs=1) and table.tile[
+        big
+    ] == grid.owner(250, 400)
+    assert cut == {}
+    monkeypatch.setattr(pipeline_mod, "MAX_GROW", 0)
+    table, cut = run()
+    assert match_centres(np.column_stack([table.x, table.y]), truth) == [0, 1, 1]
+    assert sum(cut.values()) >= 1  # counted, not silently gone
+    clear_caches()

@@ -246,6 +246,7 @@ class SlideSummary:
     tissue_skipped_fraction: float | None = None  # of the tile grid's area, left out by the tissue mask
     unreadable_tiles: int = 0  # corrupt source tiles of the file, read as white
     unreadable_area_fraction: float = 0.0  # their area, of the counted area
+    cells_cut_at_read_edge: int = 0  # owned cells left out: the read edge cut them even in a grown box
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -280,6 +281,7 @@ class SlideSummary:
             "failed_tiles": self.failed_tiles,
             "failed_area_fraction": round(self.failed_area_fraction, 6),
             "unreadable_tiles": self.unreadable_tiles,
+            "cells_cut_at_read_edge": self.cells_cut_at_read_edge,
             "unreadable_area_fraction": round(self.unreadable_area_fraction, 6),
             "tissue_skipped_fraction": (
                 None if self.tissue_skipped_fraction is None else round(self.tissue_skipped_fraction, 6)
@@ -344,6 +346,7 @@ def summarize(
     tissue_skipped_fraction: float | None = None,
     unreadable_tiles: int = 0,
     unreadable_area_fraction: float = 0.0,
+    cells_cut_at_read_edge: int = 0,
 ) -> SlideSummary:
     """Aggregate per-cell class indices (into ``pipeline.taxonomy``; -1 = unclassified).
 
@@ -445,6 +448,11 @@ def summarize(
             f"{unreadable_tiles} source tile(s) of the file could not be decoded and were read as white "
             f"({unreadable_area_fraction * 100:.2f}% of the counted area lost)"
         )
+    if cells_cut_at_read_edge:
+        notes.append(
+            f"{cells_cut_at_read_edge} cell(s) could not be kept: the tile's read edge cut them even with "
+            "a grown read box (objects larger than tiling.max_object_um); they are not counted"
+        )
     if tissue_skipped_fraction is not None and tissue_skipped_fraction > 0:
         notes.append(
             f"the tissue mask left out {tissue_skipped_fraction * 100:.1f}% of the slide "
@@ -485,4 +493,5 @@ def summarize(
         tissue_skipped_fraction=None if tissue_skipped_fraction is None else float(tissue_skipped_fraction),
         unreadable_tiles=int(unreadable_tiles),
         unreadable_area_fraction=float(unreadable_area_fraction),
+        cells_cut_at_read_edge=int(cells_cut_at_read_edge),
     )

@@ -117,12 +117,14 @@ class Segmenter:
         scale: float,
         mpp: float,
         owner: Tile | None = None,
+        keep_cut: bool = False,
     ) -> tuple[CellTable, NDArray[np.bool_]]:
         """Cells of ``rgb`` (read at ``mpp`` µm/px; its top-left is level-0 ``origin_xy``;
         ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,)).
-        With ``owner`` (the tile read), only the cells that tile owns are built."""
+        With ``owner`` (the tile read), only the cells that tile owns are built
+        (``keep_cut``: also those cut by the image edge, flagged in touches_edge)."""
         cell, nucleus = self.probability_maps(rgb, mpp)
-        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, owner)
+        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, owner, keep_cut)
 
 
 def _labels(
@@ -249,12 +251,15 @@ def instances_from_probs(
     scale: float,
     mpp: float,
     owner: Tile | None = None,
+    keep_cut: bool = False,
 ) -> tuple[CellTable, NDArray[np.bool_]]:
     """Probability maps → (CellTable, touches_edge). See the module docstring for conventions.
 
     ``owner`` (the tile that was read): keep only the cells it owns — centroid inside its
     core (:meth:`Tile.owns`) and not touching the image edge — *before* their polygons are
-    traced, so halo cells (a third of a tile's cells) cost no contour work."""
+    traced, so halo cells (a third of a tile's cells) cost no contour work. ``keep_cut``
+    keeps the core's cells that touch the image edge too (flagged), so the caller can
+    re-read a larger box for them instead of losing them."""
     labels = _labels(prob, nucleus, cfg, mpp)
     n_lab = int(labels.max())
     if n_lab == 0:
@@ -278,7 +283,9 @@ def instances_from_probs(
     x = ox + (sum_c[keep] / cnt + 0.5) * scale
     y = oy + (sum_r[keep] / cnt + 0.5) * scale
     if owner is not None:
-        owned = owner.owns(x, y) & ~border[keep]
+        owned = owner.owns(x, y)
+        if not keep_cut:
+            owned &= ~border[keep]
         keep, cnt, x, y = keep[owned], cnt[owned], x[owned], y[owned]
         if len(keep) == 0:
             return CellTable.empty(0), np.zeros(0, bool)

@@ -56,6 +56,8 @@ def format_table(results: list[SlideResult], pipeline: Pipeline) -> str:
                 cells.append(f"{_pct(d.fraction)} ({d.flag})" if d else "-")
             blast = s.blast if s is not None else None
             band = f" ({blast.band})" if blast is not None and blast.band else ""
+            if blast is not None and blast.call and blast.band and blast.call != blast.band:
+                band = f" ({blast.band}; {blast.call})"  # e.g. uncertain between bands
             cells.append(_pct(blast.fraction) + band if blast is not None else "-")
         status = r.status
         if r.failed_tiles and r.ok:

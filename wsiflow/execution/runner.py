@@ -144,6 +144,7 @@ class SlideResult:
     tiles_computed: list[int] = field(default_factory=list)
     failed_tiles: dict[int, str] = field(default_factory=dict)
     unreadable: dict[str, list[float]] = field(default_factory=dict)  # corrupt source tiles read as white
+    cut_cells: dict[str, int] = field(default_factory=dict)  # tile id → owned cells lost to the read edge
     summary: SlideSummary | None = None
     seconds: float = 0.0
 
@@ -488,9 +489,11 @@ class Runner:
                 if fut.status == "finished":
                     res: BatchResult = fut.result()
                     table: CellTable = res.table
-                    if set(res.unreadable) - set(result.unreadable):
+                    if set(res.unreadable) - set(result.unreadable) or res.cut_cells:
                         result.unreadable.update(res.unreadable)
-                        store.update_attrs({"unreadable": result.unreadable})  # survives a crash
+                        result.cut_cells.update({str(k): v for k, v in res.cut_cells.items()})
+                        # in the store as they arrive, so a resumed run still counts them
+                        store.update_attrs({"unreadable": result.unreadable, "cut_cells": result.cut_cells})
                     store.append(table, batch.ids)
                     result.tiles_computed.extend(batch.ids)
                     result.n_cells += len(table)

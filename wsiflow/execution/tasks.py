@@ -51,6 +51,7 @@ class BatchResult:
 
     table: CellTable
     unreadable: dict[str, list[float]] = field(default_factory=dict)
+    cut_cells: dict[int, int] = field(default_factory=dict)  # tile id → owned cells the read edge cut
 
 
 def run_batch(
@@ -71,10 +72,11 @@ def run_batch(
     except WsiflowError as exc:
         raise TaskError("slide", str(exc)) from None
     unreadable: dict[str, list[float]] = {}
+    cut_cells: dict[int, int] = {}
     try:
-        table = process_batch(slide, tiles, pipeline, loaded, unreadable, rois)
+        table = process_batch(slide, tiles, pipeline, loaded, unreadable, rois, cut_cells)
     except SlideError as exc:
         raise TaskError("tile", exc.reason) from None
     except WsiflowError as exc:
         raise TaskError("tile", str(exc)) from None
-    return BatchResult(table, unreadable)
+    return BatchResult(table, unreadable, cut_cells)

@@ -85,7 +85,7 @@ def resolve_models(pipeline: Pipeline, device: str = "auto") -> tuple[ModelRefs,
     Returns the refs to send to workers and the two bundles (for their cards: demo flag,
     names, sha256 for the Zarr attributes).
     """
-    from wsiflow.models.bundle import ModelBundle, check_taxonomy
+    from wsiflow.models.bundle import ModelBundle, check_halo, check_taxonomy
 
     seg = ModelBundle.load(pipeline.segmenter.bundle, pipeline.segmenter.sha256)
     cls = ModelBundle.load(pipeline.classifier.bundle, pipeline.classifier.sha256)
@@ -94,6 +94,7 @@ def resolve_models(pipeline: Pipeline, device: str = "auto") -> tuple[ModelRefs,
     if cls.task != "classifier":
         raise ModelError(f"classifier.bundle {cls.name!r} is a {cls.task} bundle, not a classifier")
     check_taxonomy(cls.card, pipeline)
+    check_halo(seg.card, pipeline)
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"--device must be auto, cpu or cuda, not {device!r}")
     refs = ModelRefs(

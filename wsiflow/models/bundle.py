@@ -21,7 +21,7 @@ import orjson
 
 from wsiflow._version import __version__
 from wsiflow.atomic import atomic_path, atomic_write_bytes
-from wsiflow.errors import BundleIntegrityError, ModelError
+from wsiflow.errors import BundleIntegrityError, ConfigError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -266,6 +266,40 @@ def check_taxonomy(card: dict[str, Any], pipeline: Pipeline) -> None:
             f"classifier {card.get('name')!r} predicts {list(codes)} but pipeline {pipeline.name!r} "
             f"has taxonomy {list(pipeline.class_codes)}; they must match in order"
         )
+
+
+def check_halo(card: dict[str, Any], pipeline: Pipeline) -> None:
+    """DESIGN §3: the halo covers the farthest a cell reaches from its centroid plus the
+    segmenter's measured border context (card ``context_um``, see
+    :mod:`wsiflow.train.seg_context`), and the read boxes keep the U-Net's pooling grid
+    (tile and halo in whole multiples of 2**depth px at ``seg_mpp``). A card without
+    ``context_um`` (e.g. a pointwise stand-in) is checked against half the object only."""
+    if card.get("task") != "segmenter":
+        return
+    t = pipeline.tiling
+    context = card.get("context_um")
+    need = t.max_object_um / 2 + (float(context) if context is not None else 0.0)
+    if context is not None and t.halo_um < need:
+        raise ConfigError(
+            pipeline.name,
+            "tiling.halo_um",
+            f"{t.halo_um:g} µm is less than max_object_um / 2 + the segmenter's context "
+            f"({t.max_object_um:g} / 2 + {float(context):g} = {need:g} µm, card of {card.get('name')!r}): "
+            "a cell on a tile seam would be seen with part of its surroundings missing",
+        )
+    depth = (card.get("kwargs") or {}).get("depth")
+    if card.get("architecture") == "unet" and isinstance(depth, int) and depth > 0:
+        step = 2**depth
+        seg_mpp = pipeline.resolution.seg_mpp
+        for key, um in (("tiling.tile_um", t.tile_um), ("tiling.halo_um", t.halo_um)):
+            px = um / seg_mpp
+            if abs(px - round(px)) > 1e-6 or round(px) % step:
+                raise ConfigError(
+                    pipeline.name,
+                    key,
+                    f"{um:g} µm is {px:g} px at seg_mpp {seg_mpp:g}; it must be a multiple of {step} px "
+                    f"(the segmenter pools {depth} times), or neighbouring tiles see different pooling grids",
+                )
 
 
 def save_bundle(

@@ -20,6 +20,8 @@ pixels. Every step is deterministic, so a task that Dask runs twice (worker loss
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ from wsiflow.cells import CellTable, make_ids
 from wsiflow.config import Pipeline
 from wsiflow.errors import ModelError, SlideError
 from wsiflow.tiling import Tile
+from wsiflow.types import Box
 
 if TYPE_CHECKING:
     from wsiflow.classify import Classifier
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
     from wsiflow.slide import Slide
 
 __all__ = ["LoadedModels", "process_batch", "process_tile", "read_seg_image"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,20 +56,51 @@ class LoadedModels:
 # --------------------------------------------------------------------------- the work
 
 
-def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels) -> CellTable:
-    """One tile → the classified cells it owns (ids final, level-0 px)."""
+MAX_GROW = 2
+"""Re-reads of a tile with a box grown by one more halo each, for owned cells the read edge cut."""
+
+
+def _grown(tile: Tile, extra_px: int) -> Tile:
+    """``tile`` with its read box grown by ``extra_px`` seg px on every side (same core)."""
+    r = tile.read
+    s = r.w / tile.read_px[0]  # level-0 px per seg px
+    read = Box(r.x - extra_px * s, r.y - extra_px * s, r.w + 2 * extra_px * s, r.h + 2 * extra_px * s)
+    px = (tile.read_px[0] + 2 * extra_px, tile.read_px[1] + 2 * extra_px)
+    return Tile(tile.id, tile.row, tile.col, tile.core, read, tile.core_px, px)
+
+
+def process_tile(
+    slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels, cut: list[int] | None = None
+) -> CellTable:
+    """One tile → the classified cells it owns (ids final, level-0 px).
+
+    A cell whose centroid is in the core but which the read box's edge cuts (a clump the
+    watershed did not split, an object beyond ``max_object_um``) is never dropped silently:
+    the tile is read again with a box grown by one more halo (up to :data:`MAX_GROW` times;
+    the core and its owned cells are otherwise the same, the halo already covering the
+    segmenter's context). Cells still cut then are left out and their number appended to
+    ``cut`` (the summary counts them)."""
     from wsiflow.crops import crop_cells
 
     n_classes = len(pipeline.taxonomy)
     seg_mpp = pipeline.resolution.seg_mpp
     cls_mpp = pipeline.resolution.cls_mpp
-    box = tile.read
-    w = tile.read_px[0]
-    rgb, image, (cw, ch) = read_seg_image(slide, tile, seg_mpp, cls_mpp)
     # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
-    # builds only the cells this tile owns: centroid in the core, not cut by the read box's edge
-    cells, _ = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, tile)
-    del rgb
+    # builds only the cells this tile owns: centroid in the core (those cut by the edge flagged)
+    halo_px = math.ceil(pipeline.tiling.halo_um / seg_mpp - 1e-9)
+    for grow in range(MAX_GROW + 1):
+        read_tile = _grown(tile, grow * halo_px) if grow else tile
+        box, w = read_tile.read, read_tile.read_px[0]
+        rgb, image, (cw, ch) = read_seg_image(slide, read_tile, seg_mpp, cls_mpp)
+        cells, edge = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, tile, True)
+        del rgb
+        if not edge.any():
+            break
+    if edge.any():
+        if cut is not None:
+            cut.append(int(edge.sum()))
+        log.warning("tile %s: %d owned cell(s) cut by the read edge", tile.id, int(edge.sum()))
+        cells = cells.take(~edge)
     if len(cells) == 0:
         return CellTable.empty(n_classes)
     order = np.lexsort((cells.x, cells.y))  # by y, then x: deterministic numbering
@@ -118,20 +154,26 @@ def process_batch(
     models: LoadedModels,
     unreadable: dict[str, list[float]] | None = None,
     rois: Rois | None = None,
+    cut_cells: dict[int, int] | None = None,
 ) -> CellTable:
     """Segment and classify ``tiles`` of one opened slide; the cells they own, in tile order.
 
     A corrupt source tile of the file is read as white (only its area is lost); when
     ``unreadable`` is given, each such tile met is added as ``"level/col/row"`` → its
-    level-0 box [x0, y0, x1, y1]. With ``rois`` only the cells whose centroid lies in a
-    region are kept (the others are never counted). Raises :class:`~wsiflow.errors.SlideError` when a tile
-    cannot be read at all (the runner then isolates and records the failing tile).
+    level-0 box [x0, y0, x1, y1]. ``cut_cells`` gets tile id → owned cells left out because
+    the read edge cut them even in the grown box (see :func:`process_tile`). With ``rois``
+    only the cells whose centroid lies in a region are kept (the others are never counted).
+    Raises :class:`~wsiflow.errors.SlideError` when a tile cannot be read at all (the runner
+    then isolates and records the failing tile).
     """
     slide.unreadable.clear()
     tables: list[CellTable] = []
     for tile in tiles:
         try:
-            tables.append(process_tile(slide, tile, pipeline, models))
+            cut: list[int] = []
+            tables.append(process_tile(slide, tile, pipeline, models, cut))
+            if cut and cut_cells is not None:
+                cut_cells[tile.id] = sum(cut)
         except SlideError:
             raise
         except OSError as exc:

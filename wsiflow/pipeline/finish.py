@@ -91,6 +91,7 @@ def summarize_store(plan: SlidePlan, store: CellStore, pipeline: Pipeline) -> St
         tissue_skipped_fraction=max(0.0, 1.0 - sum(t.core.w * t.core.h for t in plan.tiles) / (w * h)),
         unreadable_tiles=len(unreadable),
         unreadable_area_fraction=min(1.0, lost / selected_area),
+        cells_cut_at_read_edge=sum(int(v) for v in (store.attrs.get("cut_cells") or {}).values()),
     )
     rois: list[dict[str, Any]] = []
     if plan.rois is not None:

@@ -197,8 +197,12 @@ def compare(truth: Truth, det: Detections, gate: float = GATE, dup_gate: float =
         fr[lin] = row
     tb = sum(1 for c in truth.code if c == "blast")
     pb = sum(1 for c in det.code if c == "blast")
-    n_nuc_pred = sum(1 for c in det.code if c)
-    t = tb / nt if nt else None
+    # the blast % over the run's own denominator (DESIGN §5): without megakaryocytes by default
+    rule = (det.summary or {}).get("denominator_rule")
+    left_out = {"MN", "MD"} if rule == "nucleated-without-megakaryocytes" else set()
+    nt_den = sum(1 for c in truth.code if c not in left_out)
+    n_nuc_pred = sum(1 for c in det.code if c and c not in left_out)
+    t = tb / nt_den if nt_den else None
     p = pb / n_nuc_pred if n_nuc_pred else None
     brow: dict[str, Any] = {
         "truth": t,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from PIL import Image
 
@@ -85,6 +86,9 @@ class TrainClassifierConfig:
     init_from: Path | None = None
     """Warm start: a classifier bundle with the same classes and the same test split whose weights
     start training (new optimiser and schedule). Ignored when a checkpoint is resumed."""
+    crop_pipeline: str | None = None
+    """A pipeline (name or YAML): build each training crop as it does (its segmenter finds the
+    field's centre cell, its crop rule at its cls_mpp), instead of using the whole field."""
     bn_recalibrate: bool = True
     """After training: recompute BatchNorm statistics on the un-augmented training images;
     kept only if the validation loss improves (the test split is never consulted)."""
@@ -315,7 +319,17 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "work_dir": str(work),
         },
     )
-    images = D.load_images(samples.paths, cfg.input_px, cache_dir=work / "cache")
+    cropper = None
+    if cfg.crop_pipeline is not None:
+        from wsiflow.config import load_pipeline
+        from wsiflow.train.field_crops import FieldCropper
+
+        crop_pipe = load_pipeline(cfg.crop_pipeline)
+        cropper = FieldCropper(crop_pipe, cfg.mpp, cfg.input_px, "cpu")
+        key = orjson.dumps(crop_pipe.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS).decode()
+        images = D.load_images(samples.paths, cfg.input_px, work / "cache", cropper, key)
+    else:
+        images = D.load_images(samples.paths, cfg.input_px, cache_dir=work / "cache")
     labels = samples.labels
     tr, va, te = split["train"], split["val"], split["test"]
     if len(va) == 0 or len(tr) == 0:
@@ -464,6 +478,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     ips = float(np.median([h["images_per_s"] for h in hist])) if hist else None
     input_mpp = cfg.mpp * max(src_w, src_h) / cfg.input_px
     harvest_note, crop = _harvest_record(cfg.data)
+    if cropper is not None:  # crops at the pipeline's cls_mpp, bbox (+ pad) resized to input_px
+        input_mpp = cropper.pipeline.resolution.cls_mpp
     card: dict[str, Any] = {
         "name": name,
         "task": "classifier",
@@ -473,7 +489,9 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         "input_px": cfg.input_px,
         "mpp": round(input_mpp, 4),
         "source_mpp": cfg.mpp,
-        "preprocessing": (
+        "preprocessing": (cropper.describe() + "; RGB/255 then (x - mean) / std")
+        if cropper is not None
+        else (
             f"whole {src_w}x{src_h} image centred on a black {max(src_w, src_h)}-px square (not stretched), "
             f"resized (bilinear, antialiased) to {cfg.input_px}x{cfg.input_px}; "
             "RGB/255 then (x - mean) / std"

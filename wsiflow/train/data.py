@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +219,14 @@ def square_pad(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ConfigError(str(path), "", f"cannot read image ({exc})") from None
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """Decode one image, RGB, as ``size``×``size`` uint8: the whole field centred on a black
     square (never stretched: a crop at inference is a square around the cell, not a
@@ -233,9 +241,19 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise ConfigError(str(path), "", f"cannot read image ({exc})") from None
 
 
-def load_images(paths: Sequence[Path], size: int, cache_dir: Path | None = None) -> np.ndarray:
-    """All images as one (n, size, size, 3) uint8 array, cached on disk when ``cache_dir``."""
-    key = hashlib.sha256(("\n".join(str(p) for p in paths) + f"|{size}|v2-square").encode()).hexdigest()[:16]
+def load_images(
+    paths: Sequence[Path],
+    size: int,
+    cache_dir: Path | None = None,
+    cropper: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    cropper_key: str = "",
+) -> np.ndarray:
+    """All images as one (n, size, size, 3) uint8 array, cached on disk when ``cache_dir``.
+
+    ``cropper`` (e.g. :class:`wsiflow.train.field_crops.FieldCropper`) turns each decoded
+    field into the crop the pipeline would make (None: keep the whole field, squared)."""
+    tag = f"|{size}|v2-square|{cropper_key}"
+    key = hashlib.sha256(("\n".join(str(p) for p in paths) + tag).encode()).hexdigest()[:16]
     cache = cache_dir / f"images-{size}px-{key}.npy" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         arr = np.load(cache, mmap_mode=None)
@@ -243,7 +261,8 @@ def load_images(paths: Sequence[Path], size: int, cache_dir: Path | None = None)
             return arr
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        out[i] = load_image(p, size)
+        crop = cropper(_decode(p)) if cropper is not None else None
+        out[i] = crop if crop is not None else load_image(p, size)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npy")
