@@ -354,5 +354,5 @@ def test_the_run_table_says_when_the_blast_band_is_uncertain(mds: Pipeline) -> N
     from wsiflow.execution.runner import SlideResult
 
     s = summarize(_ids(blast=23, other=477), mds)  # 4.6 %, interval 3.1-6.8 %
-    r = SlideResult(path="a.svs", name="a.svs", out_dir=None, status=s.status, summary=s.to_dict())
+    r = SlideResult(path="a.svs", name="a.svs", out_dir=None, status=s.status, summary=s)
     assert "4.6% (<5%; uncertain between bands)" in format_table([r], mds)
