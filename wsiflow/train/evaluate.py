@@ -80,6 +80,18 @@ def _load_classifier(bundle_ref: str | Path, threads: int | None) -> ModelBundle
     return bundle
 
 
+def _split_of(
+    bundle_ref: str | Path, data: Path, split: str, threads: int | None
+) -> tuple[ModelBundle, D.Samples]:
+    """The classifier bundle and the images of ``split`` of DATA (verified against its card)."""
+    bundle = _load_classifier(bundle_ref, threads)
+    samples = D.discover(data, bundle.class_codes)
+    idx = select_split(bundle, samples, split)
+    if len(idx) == 0:
+        raise ConfigError(str(data), "--split", f"split {split!r} is empty")
+    return bundle, samples.subset(idx)
+
+
 def _raw_probs(
     bundle: ModelBundle, sub: D.Samples, device: str, batch_size: int, tta: bool
 ) -> np.ndarray:
@@ -104,12 +116,7 @@ def evaluate_classifier(
     tta: bool = False,
 ) -> ClassificationReport:
     """Score ``split`` of DATA with the bundle; write the report files into ``out_dir``."""
-    bundle = _load_classifier(bundle_ref, threads)
-    samples = D.discover(data, bundle.class_codes)
-    idx = select_split(bundle, samples, split)
-    if len(idx) == 0:
-        raise ConfigError(str(data), "--split", f"split {split!r} is empty")
-    sub = samples.subset(idx)
+    bundle, sub = _split_of(bundle_ref, data, split, threads)
     raw = _raw_probs(bundle, sub, device, batch_size, tta)
     cal, curves, probs = C.calibration_summary(raw, sub.labels, bundle.temperature)
     report = classification_report(sub.labels, probs, bundle.class_codes)
@@ -122,7 +129,7 @@ def evaluate_classifier(
         "tta": "8 flips/rotations averaged" if tta else "none",
         "calibration": cal,
     }
-    title = f"{bundle.name} on {Path(data).name} ({split} split, n = {len(idx)}{', TTA x8' if tta else ''})"
+    title = f"{bundle.name} on {Path(data).name} ({split} split, n = {len(sub)}{', TTA x8' if tta else ''})"
     paths = write_report(report, out_dir, extra, title)
     md = paths["markdown"].read_text(encoding="utf-8")
     md += (
@@ -164,18 +171,13 @@ def calibrate_classifier(
     write it into the card (``calibration``); the weights are not touched."""
     if split == "test":
         raise ConfigError("calibrate", "--split", "the test split is for evaluation only; fit on val")
-    bundle = _load_classifier(bundle_ref, threads)
-    samples = D.discover(data, bundle.class_codes)
-    idx = select_split(bundle, samples, split)
-    if len(idx) == 0:
-        raise ConfigError(str(data), "--split", f"split {split!r} is empty")
-    sub = samples.subset(idx)
+    bundle, sub = _split_of(bundle_ref, data, split, threads)
     raw = _raw_probs(bundle, sub, device, batch_size, tta=False)
     t = C.fit_temperature(C.log_probs(raw), sub.labels)
     block, _, _ = C.calibration_summary(raw, sub.labels, t)
     block = {
         **block,
-        "fitted_on": f"{split} split of {Path(data).name} (n = {len(idx)}), no TTA",
+        "fitted_on": f"{split} split of {Path(data).name} (n = {len(sub)}), no TTA",
         "method": "temperature scaling (minimum NLL, bounded search over log T)",
     }
     return update_card(bundle, {"calibration": block}), block
