@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = res.summary.to_dict()
         lin = _lineage_checks(summary, truth)
         b = summary.get("blast") or {}
-        tb = float(truth["blasts"]["fraction"])
+        # the truth over the run's denominator (default: nucleated cells without megakaryocytes)
+        counts = truth["counts"]
+        no_mk = summary.get("denominator_rule") == "nucleated-without-megakaryocytes"
+        den = sum(int(n) for code, n in counts.items() if not (no_mk and code in ("MN", "MD")))
+        tb = counts["blast"] / den if den else float(truth["blasts"]["fraction"])
         blast: dict[str, Any] = {
             "measured": b.get("fraction"),
             "ci": [b.get("ci_low"), b.get("ci_high")],
