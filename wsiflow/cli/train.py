@@ -225,6 +225,9 @@ def segmenter(
         None, "--max-minutes", help="Training time budget: the LR schedule follows it; stops when spent."
     ),
     epoch_size: int | None = typer.Option(None, "--epoch-size", help="Training crops per epoch."),
+    init: str | None = typer.Option(
+        None, "--init", help="Start from this segmenter bundle's weights and normalisation (fine-tune)."
+    ),
     data_name: str | None = typer.Option(None, "--data-name"),
     data_licence: str = typer.Option("unknown", "--data-licence"),
     data_description: str = typer.Option("", "--data-description"),
@@ -296,5 +299,6 @@ def segmenter(
             "description": data_description,
         },
         notes=notes,
+        init=init,
     )
     train_segmenter(cfg, progress)
