@@ -98,18 +98,26 @@ def test_init_starts_from_a_bundle(tmp_path: Path) -> None:
     # zero learning rate: the fine-tuned bundle keeps the initial weights and normalisation
     tuned = train_segmenter(
         TrainSegmenterConfig(
-            out=tmp_path / "b.safetensors", init=str(first.weights_path), lr=0.0, weight_decay=0.0, **base
+            out=tmp_path / "b.safetensors",
+            init_from=str(first.weights_path),
+            lr=0.0,
+            weight_decay=0.0,
+            **base,
         )  # type: ignore[arg-type]
     )
-    assert tuned.card["init"] == {"bundle": "a", "sha256": first.sha256}
+    assert tuned.card["training"]["initialised_from"] == {
+        "bundle": "a",
+        "sha256": first.sha256,
+        "initialised_from": None,
+    }
     assert tuned.mean == first.mean and tuned.std == first.std
     wa = first.build("cpu").state_dict()
     wb = tuned.build("cpu").state_dict()
     conv = [k for k in wa if k.endswith("weight") and wa[k].ndim == 4]
     assert conv and all(bool((wa[k] == wb[k]).all()) for k in conv)
-    with pytest.raises(ConfigError, match="--init"):
+    with pytest.raises(ConfigError, match="init_from"):
         train_segmenter(
             TrainSegmenterConfig(
-                out=tmp_path / "c.safetensors", init=str(first.weights_path), **{**base, "width": 6}
+                out=tmp_path / "c.safetensors", init_from=str(first.weights_path), **{**base, "width": 6}
             )  # type: ignore[arg-type]
         )

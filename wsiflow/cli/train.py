@@ -225,8 +225,8 @@ def segmenter(
         None, "--max-minutes", help="Training time budget: the LR schedule follows it; stops when spent."
     ),
     epoch_size: int | None = typer.Option(None, "--epoch-size", help="Training crops per epoch."),
-    init: str | None = typer.Option(
-        None, "--init", help="Start from this segmenter bundle's weights and normalisation (fine-tune)."
+    init_from: str | None = typer.Option(
+        None, "--init-from", help="Warm start from a segmenter bundle (its weights and input normalisation)."
     ),
     data_name: str | None = typer.Option(None, "--data-name"),
     data_licence: str = typer.Option("unknown", "--data-licence"),
@@ -299,6 +299,6 @@ def segmenter(
             "description": data_description,
         },
         notes=notes,
-        init=init,
+        init_from=init_from,
     )
     train_segmenter(cfg, progress)

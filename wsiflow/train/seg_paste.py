@@ -8,9 +8,12 @@ purpler than the peripheral-blood fields with masks (PBC, BCCD). Each field writ
    the folder :func:`wsiflow.train.seg_data.prepare_seg_data` writes), laid edge to edge
    with random offsets, flips and 90° turns, keeping their masks;
 2. with real nucleated cells (PBC cells, cut out by their classical mask, feathered by
-   ``FEATHER_PX``) pasted on top at random scale (``scale``), flipped / turned, half of them
-   touching or overlapping a cell already there; a pasted cell hides what it covers, in the
-   image and in the masks (an occluded cell keeps only its visible part);
+   ``FEATHER_PX``) pasted on top at random scale (``scale``, 1–2×: marrow precursors and
+   plasma cells are larger than blood leucocytes), flipped / turned, half of them with the
+   cytoplasm recoloured (``recolour_cytoplasm``: deep blue to pale lilac, as plasma cells and
+   blasts show), half of them touching or overlapping a cell already there; a pasted cell
+   hides what it covers, in the image and in the masks (an occluded cell keeps only its
+   visible part);
 3. with a one-pixel gap in the cell mask wherever two cells touch (so the cell channel
    separates them; the nucleus channel gives the watershed its markers);
 4. stain-shifted as a whole (``stain_shift``: optical-density channel mixing and scaling,
@@ -160,6 +163,7 @@ def _paste(
     scale: float,
     rng: np.random.Generator,
     touch_p: float,
+    recolour_p: float = 0.0,
 ) -> None:
     k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
     im, cell, nu = _orient(sp.rgb, k, flip), _orient(sp.cell, k, flip), _orient(sp.nucleus, k, flip)
@@ -170,6 +174,8 @@ def _paste(
         )
         cell = transform.resize(cell.astype(np.float32), shape, order=1) >= 0.5
         nu = (transform.resize(nu.astype(np.float32), shape, order=1) >= 0.5) & cell
+    if rng.random() < recolour_p:
+        im = recolour_cytoplasm(im.astype(np.float32), cell & ~nu, rng)
     h, w = cell.shape
     size = labels.shape[0]
     r_new = np.sqrt(cell.sum() / np.pi)
@@ -197,6 +203,24 @@ def _paste(
     reg[c] = labels.max() + 1
     nreg = nuc[y0:y1, x0:x1]
     nreg[c] = nu[sy, sx][c]
+
+
+BASOPHILIC = np.array([85.0, 105.0, 195.0])  # deep blue cytoplasm (plasma cells, blasts)
+PALE = np.array([200.0, 185.0, 215.0])  # pale lilac cytoplasm
+
+
+def recolour_cytoplasm(
+    im: NDArray[np.float32], cyto: NDArray[np.bool_], rng: np.random.Generator
+) -> NDArray[np.float32]:
+    """Cytoplasm pixels pulled toward a colour between deep blue and pale lilac, texture kept:
+    each pixel is multiplied by ``(colour / mean cytoplasm colour) ** a``, ``a`` in 0.4–0.9."""
+    if cyto.sum() < 10:
+        return im
+    colour = BASOPHILIC + rng.uniform(0, 1) * (PALE - BASOPHILIC)
+    gain = (colour / (im[cyto].mean(axis=0) + 1)) ** rng.uniform(0.4, 0.9)
+    out = im.copy()
+    out[cyto] = np.clip(im[cyto] * gain, 0, 255)
+    return out
 
 
 def _touch_gaps(labels: NDArray[np.int32]) -> NDArray[np.bool_]:
@@ -264,14 +288,16 @@ def paste_field(
     size: int,
     rng: np.random.Generator,
     n_paste: tuple[int, int] = (3, 12),
-    scale: tuple[float, float] = (0.9, 1.6),
+    scale: tuple[float, float] = (1.0, 2.0),
     touch_p: float = 0.5,
+    recolour_p: float = 0.5,
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """One copy-paste field: (rgb uint8, mask 0/128/255). See the module docstring."""
     rgb, labels, nuc = _background(fields, size, rng)
     for _ in range(int(rng.integers(n_paste[0], n_paste[1] + 1))):
         sp = sprites[int(rng.integers(len(sprites)))]
-        _paste(rgb, labels, nuc, sp, float(np.exp(rng.uniform(*np.log(scale)))), rng, touch_p)
+        f = float(np.exp(rng.uniform(*np.log(scale))))
+        _paste(rgb, labels, nuc, sp, f, rng, touch_p, recolour_p)
     labels = _relabel(labels)
     rgb = stain_shift(rgb, rng)
     if rng.random() < BAND_P:

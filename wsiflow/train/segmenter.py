@@ -77,7 +77,7 @@ class TrainSegmenterConfig:
     or elapsed time is further along, and training stops when the budget is spent."""
     epoch_size: int | None = None
     """Training crops per epoch (default: every training image once, with ``repeat``)."""
-    init: str | None = None
+    init_from: str | None = None
     """Segmenter bundle (shipped name or path) whose weights and input normalisation start the
     training (fine-tuning); its architecture must match ``depth``/``width`` and the channels."""
     training_data: dict[str, Any] = field(default_factory=dict)
@@ -251,7 +251,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     for i, s in enumerate(train_s):
         reps = max((r for p, r in cfg.repeat.items() if s.name.startswith(p)), default=1)
         epoch_list.extend([i] * reps)
-    init = ModelBundle.load(cfg.init) if cfg.init else None
+    init = ModelBundle.load(cfg.init_from) if cfg.init_from else None
     if init is not None:
         mean_np, std_np = np.asarray(init.mean, np.float64), np.asarray(init.std, np.float64)
     else:
@@ -265,7 +265,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
         want = {"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width}
         if init.task != "segmenter" or {k: init.card["kwargs"].get(k) for k in want} != want:
             raise ConfigError(
-                "train segmenter", "--init", f"{init.name} is not a U-Net segmenter like {want}"
+                str(init.weights_path), "init_from", f"{init.name} is not a U-Net segmenter like {want}"
             )
         model.load_state_dict(init.build("cpu").state_dict())
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -413,9 +413,20 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             "repeat": cfg.repeat,
             "augmentation": "random crops, 90° rotations, flips, ±25% scale, "
             "channel gains/brightness/contrast/gamma",
+            **(
+                {
+                    "initialised_from": {
+                        "bundle": init.name,
+                        "sha256": init.sha256,
+                        # the source's own warm start, so a multi-stage bundle keeps its lineage
+                        "initialised_from": init.card.get("training", {}).get("initialised_from"),
+                    }
+                }
+                if init is not None
+                else {}
+            ),
         },
         "demo": False,
-        **({"init": {"bundle": init.name, "sha256": init.sha256}} if init is not None else {}),
         "notes": cfg.notes,
         **cfg.extra_card,
     }
