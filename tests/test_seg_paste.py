@@ -83,3 +83,20 @@ def test_write_paste_set(tmp_path: Path) -> None:
     with Image.open(out / "images" / names[0]) as im:
         assert im.size == (96, 96)
     assert json.loads((out / "paste.json").read_text())["n_sprites"] == info["n_sprites"]
+
+
+def test_abundant_cytoplasm_keeps_the_nucleus_inside_a_bigger_cell() -> None:
+    from wsiflow.train.seg_paste import abundant_cytoplasm
+
+    yy, xx = np.indices((40, 40))
+    cell = (yy - 20) ** 2 + (xx - 20) ** 2 <= 14**2
+    nu = (yy - 20) ** 2 + (xx - 20) ** 2 <= 8**2
+    im = np.where(nu[..., None], [90.0, 40.0, 130.0], np.where(cell[..., None], [180.0, 170.0, 210.0], 230.0))
+    big, bcell, bnuc = abundant_cytoplasm(
+        im.astype(np.float32), cell, nu, np.random.default_rng(0), (1.5, 1.5)
+    )
+    assert bcell.sum() > 2 * cell.sum() and bnuc.sum() == nu.sum()
+    assert (bnuc <= bcell).all()
+    # the nucleus keeps its own pixels; what was the enlarged nucleus is cytoplasm-coloured now
+    assert np.allclose(big[bnuc], [90.0, 40.0, 130.0])
+    assert big[bcell & ~bnuc].mean(axis=0)[0] > 150

@@ -10,8 +10,9 @@ purpler than the peripheral-blood fields with masks (PBC, BCCD). Each field writ
 2. with real nucleated cells (PBC cells, cut out by their classical mask, feathered by
    ``FEATHER_PX``) pasted on top at random scale (``scale``, 1–2×: marrow precursors and
    plasma cells are larger than blood leucocytes), flipped / turned, half of them with the
-   cytoplasm recoloured (``recolour_cytoplasm``: deep blue to pale lilac, as plasma cells and
-   blasts show), half of them touching or overlapping a cell already there; a pasted cell
+   cytoplasm recoloured (``recolour_cytoplasm``: deep blue to pale grey-blue, as plasma
+   cells and blasts show), about a third given more cytoplasm round an eccentric nucleus
+   (``abundant_cytoplasm``), half of them touching or overlapping a cell already there; a pasted cell
    hides what it covers, in the image and in the masks (an occluded cell keeps only its
    visible part);
 3. with a one-pixel gap in the cell mask wherever two cells touch (so the cell channel
@@ -164,6 +165,7 @@ def _paste(
     rng: np.random.Generator,
     touch_p: float,
     recolour_p: float = 0.0,
+    abundant_p: float = 0.0,
 ) -> None:
     k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
     im, cell, nu = _orient(sp.rgb, k, flip), _orient(sp.cell, k, flip), _orient(sp.nucleus, k, flip)
@@ -174,8 +176,12 @@ def _paste(
         )
         cell = transform.resize(cell.astype(np.float32), shape, order=1) >= 0.5
         nu = (transform.resize(nu.astype(np.float32), shape, order=1) >= 0.5) & cell
+    im = im.astype(np.float32)
+    if rng.random() < abundant_p:
+        im, cell, nu = abundant_cytoplasm(im, cell, nu, rng)
+        scale = max(0.8, scale / 1.5)  # already enlarged
     if rng.random() < recolour_p:
-        im = recolour_cytoplasm(im.astype(np.float32), cell & ~nu, rng)
+        im = recolour_cytoplasm(im, cell & ~nu, rng)
     h, w = cell.shape
     size = labels.shape[0]
     r_new = np.sqrt(cell.sum() / np.pi)
@@ -206,7 +212,60 @@ def _paste(
 
 
 BASOPHILIC = np.array([85.0, 105.0, 195.0])  # deep blue cytoplasm (plasma cells, blasts)
-PALE = np.array([200.0, 185.0, 215.0])  # pale lilac cytoplasm
+PALE = np.array([178.0, 176.0, 205.0])  # pale grey-blue cytoplasm
+
+
+def abundant_cytoplasm(
+    im: NDArray[np.float32],
+    cell: NDArray[np.bool_],
+    nu: NDArray[np.bool_],
+    rng: np.random.Generator,
+    grow: tuple[float, float] = (1.3, 1.8),
+) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.bool_]]:
+    """A cell with more cytoplasm and an eccentric nucleus (as plasma cells and myelocytes have):
+    the cell is enlarged by ``grow``, its enlarged nucleus filled with cytoplasm pixels drawn
+    from the enlarged cytoplasm, and the original-size nucleus (its own pixels) put back off
+    centre, inside the cell."""
+    cyto = cell & ~nu
+    if cyto.sum() < 20 or not nu.any():
+        return im, cell, nu
+    f = float(rng.uniform(*grow))
+    shape = (round(cell.shape[0] * f) + 4, round(cell.shape[1] * f) + 4)
+    inner = (shape[0] - 4, shape[1] - 4)
+    big = np.zeros((*shape, 3), np.float32)
+    big[2:-2, 2:-2] = transform.resize(im, inner, order=1, preserve_range=True)
+    bcell = np.zeros(shape, bool)
+    bcell[2:-2, 2:-2] = transform.resize(cell.astype(np.float32), inner, order=1) >= 0.5
+    bnuc = np.zeros(shape, bool)
+    bnuc[2:-2, 2:-2] = transform.resize(nu.astype(np.float32), inner, order=1) >= 0.5
+    bcyto = bcell & ~bnuc
+    if bcyto.sum() < 20:
+        return im, cell, nu
+    pool = big[bcyto]
+    fill = ndi.binary_dilation(bnuc, iterations=1) & bcell
+    big[fill] = pool[rng.integers(0, len(pool), int(fill.sum()))]
+    big = np.where(fill[..., None], ndi.gaussian_filter(big, (1.0, 1.0, 0)), big)
+    # the original nucleus, moved off centre while it stays inside the enlarged cell
+    ys, xs = np.nonzero(nu)
+    ny0, nx0 = ys.min(), xs.min()
+    patch = nu[ny0 : ys.max() + 1, nx0 : xs.max() + 1]
+    pix = im[ny0 : ys.max() + 1, nx0 : xs.max() + 1]
+    cy, cx = np.argwhere(bcell).mean(axis=0)
+    ph, pw = patch.shape
+    ang = rng.uniform(0, 2 * np.pi)
+    inside = ndi.binary_erosion(bcell, iterations=2)
+    for d in np.linspace(0.6, 0.0, 7) * (f - 1) * np.sqrt(cell.sum() / np.pi):
+        y0 = round(cy + d * np.sin(ang) - ph / 2)
+        x0 = round(cx + d * np.cos(ang) - pw / 2)
+        if y0 < 0 or x0 < 0 or y0 + ph > shape[0] or x0 + pw > shape[1]:
+            continue
+        if inside[y0 : y0 + ph, x0 : x0 + pw][patch].all():
+            region = big[y0 : y0 + ph, x0 : x0 + pw]
+            region[patch] = pix[patch]
+            newnuc = np.zeros(shape, bool)
+            newnuc[y0 : y0 + ph, x0 : x0 + pw] = patch
+            return big, bcell, newnuc
+    return im, cell, nu
 
 
 def recolour_cytoplasm(
@@ -291,13 +350,14 @@ def paste_field(
     scale: tuple[float, float] = (1.0, 2.0),
     touch_p: float = 0.5,
     recolour_p: float = 0.5,
+    abundant_p: float = 0.35,
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """One copy-paste field: (rgb uint8, mask 0/128/255). See the module docstring."""
     rgb, labels, nuc = _background(fields, size, rng)
     for _ in range(int(rng.integers(n_paste[0], n_paste[1] + 1))):
         sp = sprites[int(rng.integers(len(sprites)))]
         f = float(np.exp(rng.uniform(*np.log(scale))))
-        _paste(rgb, labels, nuc, sp, f, rng, touch_p, recolour_p)
+        _paste(rgb, labels, nuc, sp, f, rng, touch_p, recolour_p, abundant_p)
     labels = _relabel(labels)
     rgb = stain_shift(rgb, rng)
     if rng.random() < BAND_P:
