@@ -4,7 +4,8 @@ Runs the README's "Train wsiflow on your own slides" commands as a lab would (ea
 ``wsiflow`` subprocess), from a deliberately weak classifier:
 
 1. a weak ``mds`` classifier: ``--weak-epochs`` epoch(s) on a few generated crops;
-   ``wsiflow pipeline derive mds --classifier weak.safetensors -o weak.yaml``;
+   ``wsiflow pipeline derive mds-demo --classifier weak.safetensors -o weak.yaml`` (the
+   generated-cell segmenter: these are generated slides);
 2. ``wsiflow run`` the harvest slides with it; ``wsiflow review`` picks ``--n`` cells;
 3. the truth answers the review (:func:`wsiflow.synth.hematologist.answer_review`) as a
    QuPath export; ``wsiflow harvest``;
@@ -130,7 +131,7 @@ def lab_loop(
         "--seed",
         "0",
     )
-    wsiflow("pipeline", "derive", "mds", "--classifier", str(weak), "-o", str(work / "weak.yaml"))
+    wsiflow("pipeline", "derive", "mds-demo", "--classifier", str(weak), "-o", str(work / "weak.yaml"))
     # 2. run and review
     res = work / "results"
     wsiflow(
@@ -172,7 +173,7 @@ def lab_loop(
         "--seed",
         "0",
     )
-    wsiflow("pipeline", "derive", "mds", "--classifier", str(lab), "-o", str(work / "lab.yaml"))
+    wsiflow("pipeline", "derive", "mds-demo", "--classifier", str(lab), "-o", str(work / "lab.yaml"))
     # 5. other slides, before and after
     eval_paths = [str(slides / f"{k}.svs") for k in truths_e]
     wsiflow("run", *eval_paths, "-o", str(work / "eval-weak"), "--pipeline", str(work / "weak.yaml"))

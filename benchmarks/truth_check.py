@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="5000x5000", help="Each slide's size WIDTHxHEIGHT (level-0 px)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsiflow-truth-check")
-    ap.add_argument("--pipeline", default="mds")
+    ap.add_argument("--pipeline", default="mds-demo")
     ap.add_argument("--out", type=Path, help="Also write the JSON here")
     a = ap.parse_args(argv)
 

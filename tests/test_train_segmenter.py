@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.train.seg_data import SegDataError, find_pairs, read_mask, write_generated
 from wsiflow.train.segmenter import TrainSegmenterConfig, dice_iou, train_segmenter
@@ -76,3 +77,47 @@ def test_training_smoke_reduces_loss(tmp_path: Path) -> None:
     events.clear()
     train_segmenter(cfg, lambda e, i: events.append((e, i)))
     assert any(e == "resume" for e, _ in events) and not any(e == "epoch" for e, _ in events)
+
+
+def test_init_starts_from_a_bundle(tmp_path: Path) -> None:
+    write_generated(tmp_path / "data", 12, size=40, seed=2)
+    base = dict(
+        images=tmp_path / "data" / "images",
+        masks=tmp_path / "data" / "masks",
+        mpp=0.5,
+        depth=2,
+        width=4,
+        crop=32,
+        batch_size=4,
+        epochs=1,
+        val_fraction=0.25,
+        threads=1,
+        device="cpu",
+    )
+    first = train_segmenter(TrainSegmenterConfig(out=tmp_path / "a.safetensors", **base))  # type: ignore[arg-type]
+    # zero learning rate: the fine-tuned bundle keeps the initial weights and normalisation
+    tuned = train_segmenter(
+        TrainSegmenterConfig(
+            out=tmp_path / "b.safetensors",
+            init_from=str(first.weights_path),
+            lr=0.0,
+            weight_decay=0.0,
+            **base,
+        )  # type: ignore[arg-type]
+    )
+    assert tuned.card["training"]["initialised_from"] == {
+        "bundle": "a",
+        "sha256": first.sha256,
+        "initialised_from": None,
+    }
+    assert tuned.mean == first.mean and tuned.std == first.std
+    wa = first.build("cpu").state_dict()
+    wb = tuned.build("cpu").state_dict()
+    conv = [k for k in wa if k.endswith("weight") and wa[k].ndim == 4]
+    assert conv and all(bool((wa[k] == wb[k]).all()) for k in conv)
+    with pytest.raises(ConfigError, match="init_from"):
+        train_segmenter(
+            TrainSegmenterConfig(
+                out=tmp_path / "c.safetensors", init_from=str(first.weights_path), **{**base, "width": 6}
+            )  # type: ignore[arg-type]
+        )

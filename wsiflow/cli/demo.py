@@ -2,7 +2,7 @@
 
 Generates a small bone-marrow aspirate smear with known truth (``wsiflow synth``), runs the
 full ``wsiflow run`` path on it (embedded Dask cluster, Zarr, QuPath GeoJSON, summary) with
-the pipeline's bundles (the shipped demo bundles for ``mds``), then prints each lineage's
+the pipeline's bundles (the shipped demo bundles for ``mds-demo``), then prints each lineage's
 measured dysplastic fraction with its 95% interval next to the truth, the blast % next to
 the truth, cell detection against the truth, and where the QuPath overlay is.
 """
@@ -62,7 +62,7 @@ def demo(
     size: str = typer.Option(DEMO_SIZE, "--size", help="Generated slide size WIDTHxHEIGHT (level-0 px)."),
     seed: int = typer.Option(DEMO_SEED, "--seed", help="Seed of the generated slide."),
     pipeline: str = typer.Option(
-        "mds", "--pipeline", help="Pipeline name or YAML (default: mds, demo bundles)."
+        "mds-demo", "--pipeline", help="Pipeline name or YAML (default: mds-demo, the demo bundles)."
     ),
     workers: int | None = typer.Option(None, "--workers", help="Embedded cluster: worker processes."),
     threads_per_worker: int | None = typer.Option(None, "--threads-per-worker"),

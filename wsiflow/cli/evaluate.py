@@ -26,6 +26,15 @@ def evaluate(
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: all)."),
     mpp: float | None = typer.Option(None, "--mpp", help="Segmenter only: µm/px of the images."),
     tta: bool = typer.Option(False, "--tta", help="Classifier: average 8 flips/rotations (8x compute)."),
+    partial: bool = typer.Option(
+        False,
+        "--partial-masks",
+        help="Segmenter: masks mark only some cells (SegPC layout): recall, one-to-one matches, "
+        "letterbox-band detections; --split test (held out) | tune | all.",
+    ),
+    pipeline: str | None = typer.Option(
+        None, "--pipeline", help="Segmenter: post-processing settings of this pipeline (name or YAML)."
+    ),
 ) -> None:
     """Evaluate a classifier (per-class Table 3, confusion matrix, ROC PNG) or a segmenter (Dice/IoU)."""
     from wsiflow.models.bundle import ModelBundle
@@ -35,8 +44,17 @@ def evaluate(
         from wsiflow.train.common import pick_device, set_threads
         from wsiflow.train.seg_eval import evaluate_segmenter
 
+        cfg = None
+        if pipeline is not None:
+            from wsiflow.config import load_pipeline
+
+            cfg = load_pipeline(pipeline).segmenter.model_copy(
+                update={"bundle": str(b.weights_path), "sha256": None}
+            )
         set_threads(threads)
-        result = evaluate_segmenter(b, data, out, mpp=mpp, split=split, device=str(pick_device(device)))
+        result = evaluate_segmenter(
+            b, data, out, mpp=mpp, cfg=cfg, split=split, device=str(pick_device(device)), partial=partial
+        )
         summary = out / "summary.md"
         typer.echo(summary.read_text(encoding="utf-8") if summary.is_file() else str(result))
         return

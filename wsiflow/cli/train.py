@@ -203,6 +203,9 @@ def segmenter(
         None, "--max-minutes", help="Training time budget: the LR schedule follows it; stops when spent."
     ),
     epoch_size: int | None = typer.Option(None, "--epoch-size", help="Training crops per epoch."),
+    init_from: str | None = typer.Option(
+        None, "--init-from", help="Warm start from a segmenter bundle (its weights and input normalisation)."
+    ),
     data_name: str | None = typer.Option(None, "--data-name"),
     data_licence: str = typer.Option("unknown", "--data-licence"),
     data_description: str = typer.Option("", "--data-description"),
@@ -274,5 +277,6 @@ def segmenter(
             "description": data_description,
         },
         notes=notes,
+        init_from=init_from,
     )
     train_segmenter(cfg, progress)

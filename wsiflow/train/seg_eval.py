@@ -29,6 +29,7 @@ from wsiflow.errors import WsiflowError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.segment import Segmenter, cell_mask
 from wsiflow.train.seg_data import BCCD_MPP, find_pairs, load_pair, read_rgb, resample_pair, voc_boxes
+from wsiflow.train.seg_partial import evaluate_partial
 from wsiflow.train.segmenter import dice_iou
 
 __all__ = ["evaluate_bccd", "evaluate_masks", "evaluate_segmenter"]
@@ -151,6 +152,7 @@ def evaluate_segmenter(
     cfg: SegmenterConfig | None = None,
     split: str = "test",
     device: str = "cpu",
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a segmenter bundle on DATA and write ``seg_metrics.json``, ``per_image.csv``, ``summary.md``.
 
@@ -163,7 +165,26 @@ def evaluate_segmenter(
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bundle": b.name, "sha256": b.sha256, "data": str(data)}
     md = [f"# Segmenter `{b.name}` on `{data}`", ""]
-    if (data / "Annotations").is_dir() and (data / "ImageSets").is_dir():
+    if partial:
+        m = mpp if isinstance(mpp, float) else b.mpp
+        pres = evaluate_partial(seg, data, m, split)
+        result["partial"] = {k: v for k, v in pres.items() if k != "per_image"}
+        result["segmenter_settings"] = seg.cfg.model_dump(exclude={"bundle", "sha256"})
+        buf = io.StringIO()
+        dw = csv.DictWriter(buf, fieldnames=list(pres["per_image"][0]) if pres["per_image"] else ["image"])
+        dw.writeheader()
+        dw.writerows(pres["per_image"])
+        _write_atomic(out_dir / "per_image.csv", buf.getvalue())
+        md += [
+            "| split | µm/px | fields | masked cells | recall | one-to-one (IoU ≥ 0.5) | median IoU "
+            "| detections | on letterbox band (fields) | unmatched detections |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {split} | {m} | {pres['n_images']} | {pres['masked_cells']} | {pres['recall']:.4f} | "
+            f"{pres['one_to_one']:.4f} | {pres['median_best_iou']:.3f} | {pres['detections']} | "
+            f"{pres['band_detections']} ({pres['fields_with_band_detections']}) | "
+            f"{pres['unmatched_detections']} |",
+        ]
+    elif (data / "Annotations").is_dir() and (data / "ImageSets").is_dir():
         m = mpp if isinstance(mpp, float) else BCCD_MPP
         res = evaluate_bccd(seg, data, split, m)
         result["bccd"] = {k: v for k, v in res.items() if k != "per_image"}

@@ -77,6 +77,9 @@ class TrainSegmenterConfig:
     or elapsed time is further along, and training stops when the budget is spent."""
     epoch_size: int | None = None
     """Training crops per epoch (default: every training image once, with ``repeat``)."""
+    init_from: str | None = None
+    """Segmenter bundle (shipped name or path) whose weights and input normalisation start the
+    training (fine-tuning); its architecture must match ``depth``/``width`` and the channels."""
     training_data: dict[str, Any] = field(default_factory=dict)
     extra_card: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
@@ -248,12 +251,23 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     for i, s in enumerate(train_s):
         reps = max((r for p, r in cfg.repeat.items() if s.name.startswith(p)), default=1)
         epoch_list.extend([i] * reps)
-    pix = np.concatenate([s.rgb.reshape(-1, 3) for s in train_s]).astype(np.float64) / 255
-    mean_np, std_np = pix.mean(axis=0), pix.std(axis=0) + 1e-6
+    init = ModelBundle.load(cfg.init_from) if cfg.init_from else None
+    if init is not None:
+        mean_np, std_np = np.asarray(init.mean, np.float64), np.asarray(init.std, np.float64)
+    else:
+        pix = np.concatenate([s.rgb.reshape(-1, 3) for s in train_s]).astype(np.float64) / 255
+        mean_np, std_np = pix.mean(axis=0), pix.std(axis=0) + 1e-6
     mean = torch.tensor(mean_np, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     std = torch.tensor(std_np, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
     model = UNet(in_ch=3, out_ch=n_out, depth=cfg.depth, width=cfg.width)
+    if init is not None:
+        want = {"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width}
+        if init.task != "segmenter" or {k: init.card["kwargs"].get(k) for k in want} != want:
+            raise ConfigError(
+                str(init.weights_path), "init_from", f"{init.name} is not a U-Net segmenter like {want}"
+            )
+        model.load_state_dict(init.build("cpu").state_dict())
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if cfg.weight_decay > 0:
         opt: torch.optim.Optimizer = torch.optim.AdamW(
@@ -399,6 +413,18 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             "repeat": cfg.repeat,
             "augmentation": "random crops, 90° rotations, flips, ±25% scale, "
             "channel gains/brightness/contrast/gamma",
+            **(
+                {
+                    "initialised_from": {
+                        "bundle": init.name,
+                        "sha256": init.sha256,
+                        # the source's own warm start, so a multi-stage bundle keeps its lineage
+                        "initialised_from": init.card.get("training", {}).get("initialised_from"),
+                    }
+                }
+                if init is not None
+                else {}
+            ),
         },
         "demo": False,
         "notes": cfg.notes,

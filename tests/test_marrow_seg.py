@@ -1,0 +1,63 @@
+"""The real-pixel marrow segmenter: `mds` uses it, the demo keeps its own pipeline, and on real
+marrow fields (SegPC, held-out split; skipped without ../shared/data) it finds the plasma cells
+and nothing on the letterbox band."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from wsiflow.config import load_pipeline
+from wsiflow.models.bundle import ModelBundle
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SEGPC = DATA / "segpc-marrow"
+
+
+def test_mds_segments_with_the_real_pixel_bundle() -> None:
+    pipe = load_pipeline("mds")
+    b = ModelBundle.load(pipe.segmenter.bundle, pipe.segmenter.sha256)
+    assert b.name == "marrow-seg" and not b.card.get("demo", False)
+    assert b.mpp == pipe.resolution.seg_mpp
+    # shipped weights carry no non-commercial terms: SegPC was used for evaluation only
+    data = b.card["training_data"]
+    assert "segpc" not in data["name"].lower() and "segpc" not in data["description"].lower()
+    assert "(CC BY-NC-SA 4.0) NOT trained on" in data["licence"]
+
+
+def test_demo_keeps_the_generated_cell_models() -> None:
+    from wsiflow.cli.demo import demo
+
+    default = inspect.signature(demo).parameters["pipeline"].default
+    assert getattr(default, "default", default) == "mds-demo"
+    demo_pipe = load_pipeline("mds-demo")
+    assert demo_pipe.segmenter.bundle == "demo-seg" and demo_pipe.classifier.bundle == "mds-demo"
+    assert ModelBundle.load("demo-seg", demo_pipe.segmenter.sha256).card["demo"] is True
+    # the same taxonomy, WHO rules and tiling as mds: only the segmenter differs
+    mds = load_pipeline("mds")
+    assert demo_pipe.taxonomy == mds.taxonomy and demo_pipe.who == mds.who
+    assert demo_pipe.classifier == mds.classifier
+
+
+@pytest.mark.skipif(not SEGPC.is_dir(), reason="../shared/data/segpc-marrow not present")
+def test_marrow_seg_on_held_out_segpc_fields(tmp_path: Path) -> None:
+    import torch
+
+    from wsiflow.segment import Segmenter
+    from wsiflow.train.seg_partial import evaluate_partial, partial_split
+
+    torch.set_num_threads(1)
+    names = sorted(p.stem for p in (SEGPC / "images").iterdir())
+    held = [n for n in names if partial_split(names)[n] == "test"][:12]
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+        for n in held:
+            (tmp_path / sub / f"{n}.jpg").symlink_to(SEGPC / sub / f"{n}.jpg")
+    pipe = load_pipeline("mds")
+    seg = Segmenter(ModelBundle.load(pipe.segmenter.bundle, pipe.segmenter.sha256), pipe.segmenter)
+    res = evaluate_partial(seg, tmp_path, 0.175, "all")
+    assert res["n_images"] == 12 and res["masked_cells"] > 30
+    assert res["recall"] >= 0.85
+    assert res["band_detections"] == 0
