@@ -63,6 +63,7 @@ from wsiflow.pipeline.finish import (
 )
 from wsiflow.pipeline.plan import SlidePlan, plan_slide, slide_name
 from wsiflow.tiling import Tile
+from wsiflow.types import StorageOptions
 from wsiflow.writers.lock import output_lock
 from wsiflow.writers.paths import slide_output_dir
 from wsiflow.writers.record import SlideRecord
@@ -109,6 +110,7 @@ class RunOptions:
     flush_seconds: float = 10.0  # the store makes finished tiles durable at least this often
     report: bool = True  # OUT/<slide>/report.html and OUT/report.html
     retry_failed: bool = False  # with resume: re-run the failed tiles of finished stores too
+    storage: StorageOptions | None = None  # fsspec options for URL inputs (may hold credentials)
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -189,18 +191,23 @@ class NullReporter:
 # --------------------------------------------------------------------------- inputs
 
 
-def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str]]:
+def expand_inputs(
+    args: Sequence[str], storage: StorageOptions | None = None
+) -> tuple[list[str], list[str]]:
     """Paths, globs and URLs → (unique inputs in order, notes about duplicates).
 
     An argument naming an existing file is taken literally even if it contains glob
     characters; a glob matching nothing is kept, so it gets its own "not found" line.
+    A URL with glob characters (``s3://bucket/marrow/*.svs``) is listed through fsspec
+    with ``storage``; one that cannot be listed is kept too, and fails with its reason
+    when the slide is opened.
     """
     out: list[str] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
     for arg in args:
         if "://" in arg:
-            candidates = [arg]
+            candidates = _glob_url(arg, storage) if glob.has_magic(arg) else [arg]
         elif os.path.lexists(arg) or not glob.has_magic(arg):
             candidates = [arg]
         else:
@@ -213,6 +220,20 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str]]:
             seen[key] = c
             out.append(c)
     return out, notes
+
+
+def _glob_url(pattern: str, storage: StorageOptions | None) -> list[str]:
+    """The URLs an fsspec glob matches, sorted; ``[pattern]`` when none match or listing fails."""
+    import fsspec
+
+    try:
+        fs, where = fsspec.core.url_to_fs(pattern, **(storage.to_dict() if storage else {}))
+        found = fs.glob(where, detail=True)
+    except Exception:  # listing denied, no such bucket, no credentials: opening it says why
+        log.debug("cannot list %s", pattern, exc_info=True)
+        return [pattern]
+    urls = sorted(fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") != "directory")
+    return urls or [pattern]
 
 
 def check_outputs(options: RunOptions, inputs: Sequence[str]) -> dict[str, Path]:
@@ -340,6 +361,7 @@ class Runner:
                 slide_path=path,
                 report=self.options.report,
                 note=self.reporter.note,
+                storage=self.options.storage,
             )
             self.reporter.slide_finished(result)
         if self.options.report:
@@ -410,7 +432,7 @@ class Runner:
         )
 
     def _run_slide(self, path: str, out_dir: Path, result: SlideResult) -> None:
-        plan = plan_slide(path, self.pipeline, self.options.mpp, self.options.backend)
+        plan = plan_slide(path, self.pipeline, self.options.mpp, self.options.backend, self.options.storage)
         result.tiles_total = len(plan.tiles)
         store = self._open_store(plan, out_dir, result)
         if store is None:  # complete from an earlier run: same numbers, nothing recomputed
@@ -446,7 +468,8 @@ class Runner:
     def _submit(self, plan: SlidePlan, batch: _Batch) -> Future:
         return self.client.submit(
             run_batch,
-            SlideRef(path=plan.path, mpp=self.options.mpp, backend=self.options.backend),
+            SlideRef(path=plan.path, mpp=self.options.mpp, backend=self.options.backend,
+                     storage=self.options.storage),
             batch.tiles,
             self.pipeline,
             self.models,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from wsiflow.config import Pipeline
 from wsiflow.errors import ModelError
 from wsiflow.pipeline.batch import LoadedModels
+from wsiflow.types import StorageOptions
 
 if TYPE_CHECKING:
     from wsiflow.models.bundle import ModelBundle
@@ -47,11 +48,13 @@ _SLIDES_PER_THREAD = 4
 
 @dataclass(frozen=True, slots=True)
 class SlideRef:
-    """What a worker needs to open a slide: a path (or fsspec URL) and the mpp override."""
+    """What a worker needs to open a slide: a path (or fsspec URL), the mpp override and,
+    for a URL, the fsspec storage options (their values never show in a repr)."""
 
     path: str
     mpp: float | None = None
     backend: str = "auto"
+    storage: StorageOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +165,10 @@ def get_slide(ref: SlideRef) -> Slide:
         return slide
     # "auto": TiffSlide first (it decodes JPEG tiles ~2.7× faster than OpenSlide here, B1),
     # OpenSlide for what TiffSlide cannot read
-    slide = open_slide(ref.path, backend=ref.backend, mpp=ref.mpp, prefer="tiffslide")
+    storage = ref.storage.to_dict() if ref.storage else None
+    slide = open_slide(
+        ref.path, backend=ref.backend, mpp=ref.mpp, prefer="tiffslide", storage_options=storage
+    )
     cache[ref] = slide
     while len(cache) > _SLIDES_PER_THREAD:
         _, old = cache.popitem(last=False)

@@ -18,6 +18,7 @@ from wsiflow.errors import MppError, SlideError
 from wsiflow.slide import open_slide
 from wsiflow.tiling import Tile, TileGrid
 from wsiflow.tissue import select_tiles, slide_tissue_mask
+from wsiflow.types import StorageOptions
 
 __all__ = ["SlidePlan", "plan_slide", "slide_name"]
 
@@ -41,12 +42,19 @@ def slide_name(path: str) -> str:
     return base or path
 
 
-def plan_slide(path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto") -> SlidePlan:
+def plan_slide(
+    path: str,
+    pipeline: Pipeline,
+    mpp: float | None,
+    backend: str = "auto",
+    storage: StorageOptions | None = None,
+) -> SlidePlan:
+    """Open the slide, lay the grid, find tissue; ``storage``: fsspec options for a URL."""
     if "://" not in path:
         p = Path(path)
         if p.is_dir():
             raise SlideError(path, "is a directory, not a slide file")
-    slide = open_slide(path, backend=backend, mpp=mpp)
+    slide = open_slide(path, backend=backend, mpp=mpp, storage_options=storage.to_dict() if storage else None)
     try:
         if slide.mpp is None:
             note = f"{slide.mpp_note}; " if getattr(slide, "mpp_note", None) else ""
