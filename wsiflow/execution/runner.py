@@ -50,6 +50,7 @@ from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, OutputError, SlideError, WsiflowError
 from wsiflow.execution.cluster import ClusterOptions, ClusterSession, connect
+from wsiflow.execution.preflight import check_cluster
 from wsiflow.execution.tasks import BatchResult, TaskError, run_batch
 from wsiflow.execution.worker import ModelRefs, SlideRef, resolve_models
 from wsiflow.models.bundle import ModelBundle
@@ -289,7 +290,9 @@ def run_slides(
 
     ``models`` (refs and verified bundles) and ``dirs`` (from :func:`prepare_run`) are made
     here unless the caller made them first (the CLI does, to fail before a cluster
-    starts); ``on_connect`` sees the cluster session before the first slide.
+    starts); ``on_connect`` sees the cluster session before the first slide. Then every
+    worker is checked (:func:`~wsiflow.execution.preflight.check_cluster`): one that would
+    compute different numbers stops the run before any slide (exit 2).
     """
     if dirs is None:
         dirs = prepare_run(options, inputs)
@@ -297,6 +300,8 @@ def run_slides(
     with connect(cluster) as session:
         if on_connect is not None:
             on_connect(session)
+        # every worker computes with the client's version and weights, and reads the slides
+        check_cluster(session.client, refs, inputs, options.storage)
         return Runner(session.client, pipeline, refs, bundles, options, reporter).run(inputs, dirs)
 
 
