@@ -101,22 +101,26 @@ def test_a_glob_of_s3_slides_with_storage_options(s3, local_cells) -> None:
     out = d / "out-s3"
     options = orjson.dumps({"key": KEY_ID, "secret": SECRET, "endpoint_url": endpoint}).decode()
     proc = wsiflow(
-        "--debug", "run", f"s3://{BUCKET}/x/*.svs", f"s3://{BUCKET}/x/missing.svs", "-o", out,
+        "--debug", "run", f"s3://{BUCKET}/x/missing.svs", f"s3://{BUCKET}/x/*.svs", "s3://no-such-bucket/*.svs",
+        "-o", out,
         "--pipeline", pipe, "--storage-options", options, *CLUSTER, env=_clean_env(),
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr  # two bad inputs, one good slide
+    assert proc.returncode == 1, proc.stderr  # three bad inputs, one good slide
     assert "Traceback" not in proc.stderr
-    missing = [ln for ln in proc.stderr.splitlines() if "missing.svs" in ln]
-    notes = [ln for ln in proc.stderr.splitlines() if "notes.svs" in ln and "s3://" in ln]
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("wsiflow: s3://")]  # not --debug's logs
+    missing = [ln for ln in ours if "missing.svs" in ln]
+    notes = [ln for ln in ours if "notes.svs" in ln]
+    unlisted = [ln for ln in ours if "no-such-bucket" in ln]
     assert len(missing) == 1 and "no such file" in missing[0], proc.stderr
-    assert len(notes) == 1, proc.stderr
+    assert len(notes) == 1 and "not a TIFF file" in notes[0], proc.stderr
+    assert unlisted == ["wsiflow: s3://no-such-bucket/*.svs: no remote file matches (or it cannot be listed)"]
     # the same cells as the local copy of the file
     assert cells_of(out / "smear").equals(local_cells)
     doc = orjson.loads((out / "smear" / "summary.json").read_bytes())
     assert doc["slide"]["path"] == f"s3://{BUCKET}/x/smear.svs"
     assert doc["summary"]["n_cells"] == len(local_cells)
     _, rows = read_summary_csv(out / "summary.csv")
-    assert sorted(r["status"] == "error" for r in rows) == [False, True, True]
+    assert sorted(r["status"] == "error" for r in rows) == [False, True, True, True]
     _no_secret_in(out, proc, SECRET)
 
 

@@ -61,6 +61,20 @@ def worker_problems(report: Any, refs: ModelRefs, version: str = __version__) ->
     return problems
 
 
+def _first_reachable_url(urls: Sequence[str], storage: StorageOptions | None, tries: int = 3) -> str | None:
+    """The first of (at most ``tries``) URLs the client itself can reach, else None."""
+    import fsspec
+
+    for url in urls[:tries]:
+        try:
+            fs, where = fsspec.core.url_to_fs(url, **(storage.to_dict() if storage else {}))
+            if fs.isfile(where):
+                return url
+        except Exception:  # its own "cannot read" line comes when the slide is planned
+            continue
+    return None
+
+
 def check_cluster(
     client: Client,
     refs: ModelRefs,
@@ -72,7 +86,9 @@ def check_cluster(
     checked on the workers (one the client cannot read fails on its own, one line)."""
     local = [os.path.abspath(s) for s in slides if "://" not in s]
     mine = [s for s in local if os.path.isfile(s) and os.access(s, os.R_OK)]
-    mine += [s for s in slides if "://" in s]
+    url = _first_reachable_url([s for s in slides if "://" in s], storage)
+    if url is not None:
+        mine.append(url)  # workers check the first URL only
     bundles = [refs.segmenter, refs.classifier]
     reports: dict[str, Any] = client.run(describe_worker, bundles, mine, storage, on_error="return")
     workers = client.scheduler_info(n_workers=-1).get("workers", {})

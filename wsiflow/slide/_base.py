@@ -585,6 +585,8 @@ def _check_remote(url: str, storage_options: Mapping[str, Any] | None) -> None:
         fs, where = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         info = fs.info(where)
     except FileNotFoundError:
+        if any(c in url for c in "*?["):  # a glob the runner could not expand
+            raise SlideNotFound(url, "no remote file matches (or it cannot be listed)") from None
         raise SlideNotFound(url, "no such file (remote)") from None
     except Exception as exc:
         raise SlideError(url, f"cannot read remotely: {short_reason(exc)}") from None
