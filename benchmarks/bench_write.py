@@ -139,6 +139,33 @@ def bench_geojson(table: Any, taxonomy: Any, tmp: Path, geopandas_n: int) -> dic
     return res
 
 
+def bench_geoparquet(table: Any, taxonomy: Any, tmp: Path) -> dict[str, Any]:
+    """wsiflow's GeoParquet writer (``--geoparquet``: shapely polygons, pyarrow) on the same
+    cells, and reading it back with ``geopandas.read_parquet`` (how a cohort is analysed)."""
+    import geopandas as gpd
+
+    from wsiflow.writers.geoparquet import write_geoparquet
+
+    n = len(table)
+    out = tmp / "cells.parquet"
+    wall, cpu = _timed(lambda: write_geoparquet(out, table, taxonomy))
+    log(f"B6 wsiflow geoparquet {n} cells: {wall:.2f} s wall, {cpu:.2f} s CPU")
+    t0 = time.perf_counter()
+    back = gpd.read_parquet(out)
+    t_read = time.perf_counter() - t0
+    assert len(back) == n
+    res = {
+        "cells": n,
+        "write_s": round(wall, 2),
+        "write_cpu_s": round(cpu, 2),
+        "write_cells_per_s": round(n / wall),
+        "mb": round(out.stat().st_size / 1e6, 1),
+        "read_parquet_s": round(t_read, 2),
+    }
+    out.unlink()
+    return res
+
+
 def bench_zarr(table: Any, tmp: Path, cells_per_append: int = 4000) -> dict[str, Any]:
     from wsiflow.writers.zarr_store import CellStore
 
@@ -198,6 +225,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wsiflow-bench-", dir=a.work if a.work.exists() else None))
     try:
         gj = bench_geojson(table, taxonomy, tmp, gn)
+        gp = bench_geoparquet(table, taxonomy, tmp)
         zr = bench_zarr(table, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +234,7 @@ def main() -> None:
             "bench": "B6 writing",
             "machine": machine(),
             "geojson": gj,
+            "geoparquet": gp,
             "zarr": zr,
             "target": "GeoJSON >= 10x geopandas (plain vs plain; gzip reported too)",
             "met": gj["speedup"] is not None and gj["speedup"] >= 10,

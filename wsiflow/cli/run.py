@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import typer
 
 from wsiflow.cli._app import app, debug_enabled
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
     from wsiflow.config import Pipeline
     from wsiflow.execution.runner import SlideResult
+    from wsiflow.types import StorageOptions
 
 
 def _pct(v: Any) -> str:
@@ -71,6 +73,32 @@ def format_table(results: list[SlideResult], pipeline: Pipeline) -> str:
     return "\n".join(lines)
 
 
+def parse_storage_options(text: str | None) -> StorageOptions | None:
+    """``--storage-options``: a JSON object, or ``@FILE`` holding one (keeps credentials out
+    of the process list). A bad value is a usage error that never echoes the value."""
+    from wsiflow.types import StorageOptions
+
+    if text is None:
+        return None
+    key = "--storage-options"
+    source = "the value"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            raise ConfigError("", key, f"cannot read {source} ({why})") from None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"  # never the text: it may hold a secret
+        raise ConfigError("", key, f"{source} is not valid JSON ({where})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("", key, f"{source} must be a JSON object of fsspec options")
+    return StorageOptions(value)
+
+
 @app.command()
 def run(
     slides: list[str] = typer.Argument(..., help="Slide files, globs or fsspec URLs.", show_default=False),
@@ -111,6 +139,13 @@ def run(
     ),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Client certificate (PEM) for TLS."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="Client private key (PEM) for TLS."),
+    storage_options: str | None = typer.Option(
+        None,
+        "--storage-options",
+        help="fsspec options for URL slides (s3://…) as a JSON object, or @FILE holding one; "
+        "credentials also come from the usual AWS environment/config. Never printed.",
+        show_default=False,
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
     report: bool = typer.Option(
         True, "--report/--no-report", help="Write OUT/report.html and OUT/<slide>/report.html."
@@ -137,6 +172,7 @@ def run(
         report=report,
         retry_failed=retry_failed,
         roi=roi,
+        storage=parse_storage_options(storage_options),
     )
     cluster_options = ClusterOptions(
         scheduler=scheduler,
@@ -156,7 +192,7 @@ def run(
         if why:
             raise ConfigError("", "--geoparquet", f"GeoParquet output {why} (pip install pyarrow)")
 
-    inputs, notes = expand_inputs(slides)
+    inputs, notes = expand_inputs(slides, options.storage)
     reporter = BarReporter(enabled=progress)
     for n in notes:
         reporter.note(n)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,12 +65,17 @@ class LoopbackCluster:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
-def start_worker(address: str, log: Path, nthreads: int = 1, name: str = "w0") -> subprocess.Popen[bytes]:
+def start_worker(
+    address: str, log: Path, nthreads: int = 1, name: str = "w0", extra_env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``dask worker`` process; ``extra_env`` is added to its environment (e.g. a
+    ``PYTHONPATH`` giving it another wsiflow install)."""
+    env = {**process_env(nthreads), **(extra_env or {})}
     with log.open("ab") as fh:
         return subprocess.Popen(
             [DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", str(nthreads),
              "--nworkers", "1", "--no-dashboard", "--name", name, "--death-timeout", "60"],
-            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=process_env(nthreads),
+            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )  # fmt: skip
 
 

@@ -50,6 +50,7 @@ from wsiflow.cells import CellTable
 from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, OutputError, SlideError, WsiflowError
 from wsiflow.execution.cluster import ClusterOptions, ClusterSession, connect
+from wsiflow.execution.preflight import check_cluster
 from wsiflow.execution.tasks import BatchResult, TaskError, run_batch
 from wsiflow.execution.worker import ModelRefs, SlideRef, resolve_models
 from wsiflow.models.bundle import ModelBundle
@@ -63,6 +64,7 @@ from wsiflow.pipeline.finish import (
 )
 from wsiflow.pipeline.plan import SlidePlan, plan_slide, slide_name
 from wsiflow.tiling import Tile
+from wsiflow.types import StorageOptions
 from wsiflow.writers.lock import output_lock
 from wsiflow.writers.paths import slide_output_dir
 from wsiflow.writers.record import SlideRecord
@@ -110,6 +112,7 @@ class RunOptions:
     report: bool = True  # OUT/<slide>/report.html and OUT/report.html
     retry_failed: bool = False  # with resume: re-run the failed tiles of finished stores too
     roi: Path | None = None  # QuPath annotations: one file, or a folder of <slide-stem>.geojson
+    storage: StorageOptions | None = None  # fsspec options for URL inputs (may hold credentials)
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -193,18 +196,23 @@ class NullReporter:
 # --------------------------------------------------------------------------- inputs
 
 
-def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str]]:
+def expand_inputs(
+    args: Sequence[str], storage: StorageOptions | None = None
+) -> tuple[list[str], list[str]]:
     """Paths, globs and URLs → (unique inputs in order, notes about duplicates).
 
     An argument naming an existing file is taken literally even if it contains glob
     characters; a glob matching nothing is kept, so it gets its own "not found" line.
+    A URL with glob characters (``s3://bucket/marrow/*.svs``) is listed through fsspec
+    with ``storage``; one that cannot be listed is kept too, and fails with its reason
+    when the slide is opened.
     """
     out: list[str] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
     for arg in args:
         if "://" in arg:
-            candidates = [arg]
+            candidates = _glob_url(arg, storage) if glob.has_magic(arg) else [arg]
         elif os.path.lexists(arg) or not glob.has_magic(arg):
             candidates = [arg]
         else:
@@ -217,6 +225,20 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[str]]:
             seen[key] = c
             out.append(c)
     return out, notes
+
+
+def _glob_url(pattern: str, storage: StorageOptions | None) -> list[str]:
+    """The URLs an fsspec glob matches, sorted; ``[pattern]`` when none match or listing fails."""
+    import fsspec
+
+    try:
+        fs, where = fsspec.core.url_to_fs(pattern, **(storage.to_dict() if storage else {}))
+        found = fs.glob(where, detail=True)
+    except Exception:  # listing denied, no such bucket, no credentials: opening it says why
+        log.debug("cannot list %s", pattern, exc_info=True)
+        return [pattern]
+    urls = sorted(fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") != "directory")
+    return urls or [pattern]
 
 
 def check_outputs(options: RunOptions, inputs: Sequence[str]) -> dict[str, Path]:
@@ -272,7 +294,9 @@ def run_slides(
 
     ``models`` (refs and verified bundles) and ``dirs`` (from :func:`prepare_run`) are made
     here unless the caller made them first (the CLI does, to fail before a cluster
-    starts); ``on_connect`` sees the cluster session before the first slide.
+    starts); ``on_connect`` sees the cluster session before the first slide. Then every
+    worker is checked (:func:`~wsiflow.execution.preflight.check_cluster`): one that would
+    compute different numbers stops the run before any slide (exit 2).
     """
     if dirs is None:
         dirs = prepare_run(options, inputs)
@@ -280,6 +304,8 @@ def run_slides(
     with connect(cluster) as session:
         if on_connect is not None:
             on_connect(session)
+        # every worker computes with the client's version and weights, and reads the slides
+        check_cluster(session.client, refs, inputs, options.storage)
         return Runner(session.client, pipeline, refs, bundles, options, reporter).run(inputs, dirs)
 
 
@@ -344,6 +370,7 @@ class Runner:
                 slide_path=path,
                 report=self.options.report,
                 note=self.reporter.note,
+                storage=self.options.storage,
             )
             self.reporter.slide_finished(result)
         if self.options.report:
@@ -415,7 +442,8 @@ class Runner:
         )
 
     def _run_slide(self, path: str, out_dir: Path, result: SlideResult) -> None:
-        plan = plan_slide(path, self.pipeline, self.options.mpp, self.options.backend, self.options.roi)
+        o = self.options
+        plan = plan_slide(path, self.pipeline, o.mpp, o.backend, o.storage, o.roi)
         result.tiles_total = len(plan.tiles)
         store = self._open_store(plan, out_dir, result)
         if store is None:  # complete from an earlier run: same numbers, nothing recomputed
@@ -451,7 +479,8 @@ class Runner:
     def _submit(self, plan: SlidePlan, batch: _Batch) -> Future:
         return self.client.submit(
             run_batch,
-            SlideRef(path=plan.path, mpp=self.options.mpp, backend=self.options.backend),
+            SlideRef(path=plan.path, mpp=self.options.mpp, backend=self.options.backend,
+                     storage=self.options.storage),
             batch.tiles,
             self.pipeline,
             self.models,

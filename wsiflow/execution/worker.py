@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from wsiflow.config import Pipeline
 from wsiflow.errors import ModelError
 from wsiflow.pipeline.batch import LoadedModels
+from wsiflow.types import StorageOptions
 
 if TYPE_CHECKING:
     from wsiflow.models.bundle import ModelBundle
@@ -35,6 +37,7 @@ __all__ = [
     "ModelRefs",
     "SlideRef",
     "clear_caches",
+    "describe_worker",
     "get_models",
     "get_slide",
     "resolve_models",
@@ -47,11 +50,13 @@ _SLIDES_PER_THREAD = 4
 
 @dataclass(frozen=True, slots=True)
 class SlideRef:
-    """What a worker needs to open a slide: a path (or fsspec URL) and the mpp override."""
+    """What a worker needs to open a slide: a path (or fsspec URL), the mpp override and,
+    for a URL, the fsspec storage options (their values never show in a repr)."""
 
     path: str
     mpp: float | None = None
     backend: str = "auto"
+    storage: StorageOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +168,50 @@ def get_slide(ref: SlideRef) -> Slide:
         return slide
     # "auto": TiffSlide first (it decodes JPEG tiles ~2.7× faster than OpenSlide here, B1),
     # OpenSlide for what TiffSlide cannot read
-    slide = open_slide(ref.path, backend=ref.backend, mpp=ref.mpp, prefer="tiffslide")
+    storage = ref.storage.to_dict() if ref.storage else None
+    slide = open_slide(
+        ref.path, backend=ref.backend, mpp=ref.mpp, prefer="tiffslide", storage_options=storage
+    )
     cache[ref] = slide
     while len(cache) > _SLIDES_PER_THREAD:
         _, old = cache.popitem(last=False)
         old.close()
     return slide
+
+
+def describe_worker(
+    bundles: Sequence[str], slides: Sequence[str], storage: StorageOptions | None = None
+) -> dict[str, Any]:
+    """What this process would compute with, for the client's check before a run
+    (:mod:`wsiflow.execution.preflight`; run on every worker with ``client.run``).
+
+    ``version``: its wsiflow; ``bundles``: per bundle reference (a shipped name or the
+    absolute path the client sent) the sha256 of the weights *this* process resolves, or
+    why it cannot; ``unreadable``: the local slide paths it cannot read, and the first URL
+    if it cannot reach it. Cheap: no model is loaded, no slide opened."""
+    import os
+
+    from wsiflow._version import __version__
+    from wsiflow.models.bundle import file_sha256, resolve_bundle
+
+    found: dict[str, dict[str, str]] = {}
+    for ref in bundles:
+        try:
+            weights, _ = resolve_bundle(ref)
+            found[ref] = {"sha256": file_sha256(weights)}
+        except (ModelError, OSError) as exc:
+            found[ref] = {"error": " ".join(str(exc).split())}
+    unreadable = [p for p in slides if "://" not in p and not (os.path.isfile(p) and os.access(p, os.R_OK))]
+    url = next((p for p in slides if "://" in p), None)
+    if url is not None:
+        try:
+            import fsspec
+
+            fs, where = fsspec.core.url_to_fs(url, **(storage.to_dict() if storage else {}))
+            fs.info(where)
+        except Exception:
+            unreadable.append(url)
+    return {"version": __version__, "bundles": found, "unreadable": unreadable}
 
 
 def clear_caches() -> None:

@@ -30,6 +30,7 @@ from wsiflow.aggregate import SlideSummary, summarize
 from wsiflow.config import Pipeline
 from wsiflow.errors import WsiflowError
 from wsiflow.pipeline.plan import SlidePlan
+from wsiflow.types import StorageOptions
 from wsiflow.writers import geojson as geojson_writer
 from wsiflow.writers import summary as summary_writer
 from wsiflow.writers.geoparquet import write_geoparquet
@@ -170,12 +171,20 @@ def record_slide(
     slide_path: str,
     report: bool,
     note: Callable[[str], None],
+    storage: StorageOptions | None = None,
 ) -> None:
     """The slide's row of ``OUT/summary.csv`` (rows of other slides stay) and, when
-    ``out_dir`` holds results, its ``report.html``."""
+    ``out_dir`` holds results, its ``report.html`` (``storage``: fsspec options to read a
+    slide at a URL for its pictures)."""
     summary_writer.update_summary_csv(out / "summary.csv", record.to_row(), key="output")
     if report and out_dir is not None:
-        _report(functools.partial(write_slide_report, out_dir, slide_path=slide_path), slide_path, note)
+        write = functools.partial(
+            write_slide_report,
+            out_dir,
+            slide_path=slide_path,
+            storage_options=storage.to_dict() if storage else None,
+        )
+        _report(write, slide_path, note)
 
 
 def record_run(out: Path, note: Callable[[str], None]) -> None:

@@ -20,6 +20,7 @@ from wsiflow.roi import Rois, load_rois, roi_file_for
 from wsiflow.slide import open_slide
 from wsiflow.tiling import Tile, TileGrid
 from wsiflow.tissue import select_tiles, slide_tissue_mask
+from wsiflow.types import StorageOptions
 from wsiflow.writers.paths import slide_stem
 
 __all__ = ["SlidePlan", "plan_slide", "slide_name"]
@@ -46,16 +47,22 @@ def slide_name(path: str) -> str:
 
 
 def plan_slide(
-    path: str, pipeline: Pipeline, mpp: float | None, backend: str = "auto", roi: Path | None = None
+    path: str,
+    pipeline: Pipeline,
+    mpp: float | None,
+    backend: str = "auto",
+    storage: StorageOptions | None = None,
+    roi: Path | None = None,
 ) -> SlidePlan:
-    """The plan of one slide; ``roi`` is ``--roi``: one annotation file for every slide, or a
-    folder of ``<slide-stem>.geojson`` (a slide without a file there is analysed whole)."""
+    """Open the slide, lay the grid, find tissue; ``storage``: fsspec options for a URL;
+    ``roi`` is ``--roi``: one annotation file for every slide, or a folder of
+    ``<slide-stem>.geojson`` (a slide without a file there is analysed whole)."""
     roi_file = roi_file_for(roi, slide_stem(path)) if roi is not None else None
     if "://" not in path:
         p = Path(path)
         if p.is_dir():
             raise SlideError(path, "is a directory, not a slide file")
-    slide = open_slide(path, backend=backend, mpp=mpp)
+    slide = open_slide(path, backend=backend, mpp=mpp, storage_options=storage.to_dict() if storage else None)
     try:
         if slide.mpp is None:
             note = f"{slide.mpp_note}; " if getattr(slide, "mpp_note", None) else ""

@@ -540,10 +540,12 @@ def open_slide(
     backend: str = "auto",
     mpp: float | None = None,
     prefer: str = "openslide",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Slide:
     """Open a slide. ``backend``: "auto" (``prefer`` first, then the other), "openslide" or
-    "tiffslide"; URLs with a scheme (fsspec) always use TiffSlide. ``mpp`` overrides the
-    metadata. Every failure raises :class:`SlideError` with a one-line reason."""
+    "tiffslide"; URLs with a scheme (fsspec) always use TiffSlide, with ``storage_options``
+    (credentials, endpoint) when given. ``mpp`` overrides the metadata. Every failure raises
+    :class:`SlideError` with a one-line reason."""
     path = os.fspath(path_or_url)
     if path.startswith("file://"):
         path = path[len("file://") :]
@@ -556,6 +558,7 @@ def open_slide(
         if backend == "openslide":
             raise SlideError(path, "OpenSlide cannot read URLs; use backend tiffslide")
         order = ["tiffslide"]
+        _check_remote(path, storage_options)
     else:
         _check_local(path)
         if backend == "auto":
@@ -565,7 +568,7 @@ def open_slide(
     failures: list[tuple[str, BaseException]] = []
     for name in order:
         try:
-            b = _make_backend(name, path)
+            b = _make_backend(name, path, storage_options if url else None)
         except Exception as exc:
             failures.append((name, exc))
             continue
@@ -573,14 +576,34 @@ def open_slide(
     raise SlideError(path, _open_reason(path, failures, url))
 
 
-def _make_backend(name: str, path: str) -> Backend:
+def _check_remote(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """The object behind ``url`` exists and is a readable file (fsspec ``info``); else one
+    line, like a local file's. The reason never carries the storage options."""
+    try:
+        import fsspec
+
+        fs, where = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        info = fs.info(where)
+    except FileNotFoundError:
+        if any(c in url for c in "*?["):  # a glob the runner could not expand
+            raise SlideNotFound(url, "no remote file matches (or it cannot be listed)") from None
+        raise SlideNotFound(url, "no such file (remote)") from None
+    except Exception as exc:
+        raise SlideError(url, f"cannot read remotely: {short_reason(exc)}") from None
+    if info.get("type") == "directory":
+        raise SlideError(url, "is a directory, not a slide file")
+    if int(info.get("size") or 0) == 0:
+        raise SlideError(url, "empty file (0 bytes)")
+
+
+def _make_backend(name: str, path: str, storage_options: Mapping[str, Any] | None = None) -> Backend:
     if name == "openslide":
         from wsiflow.slide._openslide import OpenSlideBackend
 
         return OpenSlideBackend(path)
     from wsiflow.slide._tiffslide import TiffSlideBackend
 
-    return TiffSlideBackend(path)
+    return TiffSlideBackend(path, storage_options)
 
 
 def _open_reason(path: str, failures: list[tuple[str, BaseException]], url: bool) -> str:

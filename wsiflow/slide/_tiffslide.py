@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,11 +74,11 @@ class TiffSlideBackend:
 
     name = "tiffslide"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
         global _CLS
         if _CLS is None:
             _CLS = _level_coords_class()
-        self._ts = _CLS(path)
+        self._ts = _CLS(path, storage_options=dict(storage_options) if storage_options else None)
         try:
             with warnings.catch_warnings():  # e.g. "hamamatsu-format metadata parsing only
                 warnings.simplefilter("ignore", UserWarning)  # partially implemented": mpp is read

@@ -189,7 +189,12 @@ def _taxonomy(data: _SlideData) -> list[ClassDef]:
 # =========================================================================== slide pixels
 
 
-def _open_slide(data: _SlideData, slide_path: str | None, search: Sequence[Path]) -> tuple[Any, str | None]:
+def _open_slide(
+    data: _SlideData,
+    slide_path: str | None,
+    search: Sequence[Path],
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[Any, str | None]:
     """(slide or None, note). Looks in ``search`` folders for a slide moved since the run."""
     from wsiflow.slide import open_slide
 
@@ -208,7 +213,7 @@ def _open_slide(data: _SlideData, slide_path: str | None, search: Sequence[Path]
             last = f"slide file not found at {cand}"
             continue
         try:
-            slide = open_slide(cand, mpp=float(mpp) if mpp else None)
+            slide = open_slide(cand, mpp=float(mpp) if mpp else None, storage_options=storage_options)
         except WsiflowError as exc:
             last = str(exc)
             continue
@@ -330,6 +335,7 @@ def write_slide_report(
     *,
     search: Sequence[str | os.PathLike[str]] = (),
     per_kind: int = GALLERY_PER_KIND,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``slide_dir/report.html`` from the files there; returns its path.
 
@@ -339,6 +345,7 @@ def write_slide_report(
     cell id to a PNG/JPEG (e.g. a Grad-CAM overlay); they are saved under
     ``slide_dir/gradcam/<id>.png`` so a later regeneration keeps them. ``search`` lists
     folders to look in for a slide moved since the run (by file name; its size must match).
+    ``storage_options``: fsspec options (endpoint, credentials) for a slide at a URL.
     """
     sdir = Path(slide_dir)
     data = _load_slide(sdir)
@@ -354,9 +361,9 @@ def write_slide_report(
     images: dict[str, Any] = {}
     slide, why = (None, None)
     if data.cells is not None:
-        slide, why = _open_slide(data, slide_path, [Path(s) for s in search])
+        slide, why = _open_slide(data, slide_path, [Path(s) for s in search], storage_options)
     elif slide_path:
-        slide, why = _open_slide(data, slide_path, [])
+        slide, why = _open_slide(data, slide_path, [], storage_options)
     if why:
         notes.append(why)
     gallery_ctx: list[dict[str, Any]] = []
