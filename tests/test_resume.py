@@ -222,10 +222,10 @@ def test_retry_failed_reruns_the_failed_tiles_of_a_finished_store(
     bad = 7
     real = pipeline_mod.process_tile
 
-    def flaky(slide, tile, pipeline, models):
+    def flaky(slide, tile, pipeline, models, *rest):
         if tile.id == bad:
             raise SlideError(str(smear), f"tile {bad}: simulated read failure")
-        return real(slide, tile, pipeline, models)
+        return real(slide, tile, pipeline, models, *rest)
 
     out = tmp_path / "out"
     # tasks run in this process (threads), so the patched function is the one they call

@@ -2,20 +2,28 @@
 
 :func:`process_batch` is what a Dask task runs, given the slide and the two models already
 opened and loaded (the worker's caches in :mod:`wsiflow.execution.worker` do that once).
-For each tile in turn:
+For the tiles of a batch:
 
-1. reads the tile's read box (core + halo) at ``seg_mpp``: when ``cls_mpp`` is the slide's
+1. reads each tile's read box (core + halo) at ``seg_mpp``: when ``cls_mpp`` is the slide's
    own µm/px and ``seg_mpp`` an integer multiple of it, the box is read (decoded) once at
    ``cls_mpp`` and the seg image is its k×k reduction in memory, bit-identical to what
    :meth:`Slide.read` gives at ``seg_mpp`` (:meth:`Slide.read_both`);
-2. segments it (:class:`~wsiflow.segment.Segmenter`) into cells in level-0 px;
-3. keeps the cells the tile **owns** (centroid in its core) that do not touch the read
+2. runs the U-Net over the tiles of one read size (all but a slide's odd edge tile)
+   together, a few tiles per forward call
+   (:meth:`~wsiflow.segment.Segmenter.probability_maps_batch`; on CPU the maps equal the
+   one-tile calls');
+
+then, for each tile in turn (:func:`process_tile`):
+
+3. turns its probability maps into cells in level-0 px (:meth:`Segmenter.instances`);
+4. keeps the cells the tile **owns** (centroid in its core) that do not touch the read
    region's edge, sorted by (y, x) and numbered ``make_ids(tile.id, n)``;
-4. reads the same box at ``cls_mpp`` (unless step 1 did), crops the kept cells and
+5. reads the same box at ``cls_mpp`` (unless step 1 did), crops the kept cells and
    classifies them.
 
-Only one tile's pixels (its cls and seg images) are held at a time; the result carries no
-pixels. Every step is deterministic, so a task that Dask runs twice (worker loss) returns the same table.
+The pixels of one batch (each tile's seg and cls images and maps) are held together, and
+each tile's are dropped once its cells are classified; the result carries no pixels. Every
+step is deterministic, so a task that Dask runs twice (worker loss) returns the same table.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ if TYPE_CHECKING:
     from wsiflow.segment import Segmenter
     from wsiflow.slide import Slide
 
-__all__ = ["LoadedModels", "process_batch", "process_tile", "read_seg_image"]
+__all__ = ["LoadedModels", "SegmentedTile", "process_batch", "process_tile", "read_seg_image"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,26 @@ class LoadedModels:
     device: str
 
 
+@dataclass(frozen=True)
+class SegmentedTile:
+    """A tile read and through the U-Net: its cls image when the seg read gave it (else
+    None), that image's (w, h), and the (cell, nucleus) probability maps at ``seg_mpp``."""
+
+    image: NDArray[np.uint8] | None
+    cls_size: tuple[int, int]
+    cell: NDArray[np.float32]
+    nucleus: NDArray[np.float32] | None
+
+
 # --------------------------------------------------------------------------- the work
 
 
-def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels) -> CellTable:
-    """One tile → the classified cells it owns (ids final, level-0 px)."""
+def process_tile(
+    slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels, seg: SegmentedTile | None = None
+) -> CellTable:
+    """One tile → the classified cells it owns (ids final, level-0 px). ``seg``: the tile
+    already read and through the U-Net (:func:`process_batch` does that for all its tiles
+    at once); without it the tile is read and segmented here."""
     from wsiflow.crops import crop_cells
 
     n_classes = len(pipeline.taxonomy)
@@ -59,11 +82,13 @@ def process_tile(slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedMod
     cls_mpp = pipeline.resolution.cls_mpp
     box = tile.read
     w = tile.read_px[0]
-    rgb, image, (cw, ch) = read_seg_image(slide, tile, seg_mpp, cls_mpp)
+    if seg is None:
+        seg = _segment_tiles(slide, [tile], pipeline, models)[0]
+    image, (cw, ch) = seg.image, seg.cls_size
     # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
     # builds only the cells this tile owns: centroid in the core, not cut by the read box's edge
-    cells, _ = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, tile)
-    del rgb
+    cells, _ = models.segmenter.instances(seg.cell, seg.nucleus, (box.x, box.y), box.w / w, seg_mpp, tile)
+    del seg
     if len(cells) == 0:
         return CellTable.empty(n_classes)
     order = np.lexsort((cells.x, cells.y))  # by y, then x: deterministic numbering
@@ -103,6 +128,26 @@ def read_seg_image(
     return rgb, image, (cw, ch)
 
 
+def _segment_tiles(
+    slide: Slide, tiles: Sequence[Tile], pipeline: Pipeline, models: LoadedModels
+) -> list[SegmentedTile]:
+    """Read ``tiles`` and run the U-Net over them together (one call per read size)."""
+    seg_mpp = pipeline.resolution.seg_mpp
+    reads = []
+    for tile in tiles:
+        try:
+            reads.append(read_seg_image(slide, tile, seg_mpp, pipeline.resolution.cls_mpp))
+        except SlideError:
+            raise
+        except OSError as exc:
+            raise SlideError(slide.path, f"tile {tile.id}: {type(exc).__name__}: {exc}") from exc
+    maps = models.segmenter.probability_maps_batch([r[0] for r in reads], seg_mpp)
+    return [
+        SegmentedTile(image=image, cls_size=size, cell=cell, nucleus=nucleus)
+        for (_, image, size), (cell, nucleus) in zip(reads, maps, strict=True)
+    ]
+
+
 def _with_ids(table: CellTable, tile_id: int) -> CellTable:
     cols = table.columns()
     cols["id"] = make_ids(tile_id, len(table))
@@ -126,9 +171,11 @@ def process_batch(
     """
     slide.unreadable.clear()
     tables: list[CellTable] = []
-    for tile in tiles:
+    segmented: list[SegmentedTile | None] = list(_segment_tiles(slide, tiles, pipeline, models))
+    for i, tile in enumerate(tiles):
+        seg, segmented[i] = segmented[i], None  # drop each tile's pixels once it is done
         try:
-            tables.append(process_tile(slide, tile, pipeline, models))
+            tables.append(process_tile(slide, tile, pipeline, models, seg))
         except SlideError:
             raise
         except OSError as exc:
