@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument(
         "--cells", type=int, default=None, help="classifier cells to time (default 20k / 4k quick)"
     )
+    ap.add_argument("--tiles", type=int, default=None, help="U-Net tiles to time (default 32 / 8 quick)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--e2e-size", type=int, default=None, help="side of the e2e slide in px (default 44000)")
     ap.add_argument("--e2e-density", type=float, default=2400.0, help="cells per mm² (e2e slide)")
@@ -235,7 +236,7 @@ def main() -> None:
     pipeline_path, minfo = bench_pipeline(a.work, a.models)
     n_cells = a.cells or (4096 if a.quick else 20480)
     result: dict[str, Any] = {"bench": "B8 GPU", "machine": info, "models": minfo}
-    result["B2"] = bench_models_gpu(pipeline_path, a.device, n_cells, 8 if a.quick else 32)
+    result["B2"] = bench_models_gpu(pipeline_path, a.device, n_cells, a.tiles or (8 if a.quick else 32))
     if not a.skip_e2e:
         # ~100k nucleated cells: 2400 cells/mm² × (usable part of) 44000² px at 0.25 µm/px
         side = a.e2e_size or (6000 if a.quick else 44000)

@@ -131,7 +131,8 @@ def test_grad_cam_runs_on_cuda_and_matches_cpu() -> None:
     from wsiflow.models.bundle import ModelBundle
     from wsiflow.train.gradcam import grad_cam
 
-    bundle = ModelBundle.load("pbc8")
+    # the pipeline's classifier (mds-demo): what travels to the GPU machine without pbc8
+    bundle = ModelBundle.load(load_pipeline("mds").classifier.bundle)
     assert bundle.input_px is not None
     img = np.random.default_rng(0).integers(0, 255, (3, bundle.input_px, bundle.input_px, 3), dtype=np.uint8)
     cpu = grad_cam(bundle.build("cpu"), img, bundle.mean, bundle.std)
