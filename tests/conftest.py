@@ -19,6 +19,24 @@ REQUIRE_SHARED_DATA = "WSIFLOW_REQUIRE_SHARED_DATA"  # "1": missing shared data 
 SHARED_DATA = "WSIFLOW_SHARED_DATA"  # another location of the shared data (default ../shared/data)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA device (torch is imported
+    only when such a test was collected), unless ``WSIFLOW_CUDA_TEST_DEVICE=cpu`` asks for a
+    dry run of their code on the CPU."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    if os.environ.get("WSIFLOW_CUDA_TEST_DEVICE") == "cpu":  # dry run of their code (tests/test_cuda.py)
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread for a module that runs models in-process (on a shared 2-core machine

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from wsiflow.errors import ConfigError
-from wsiflow.execution.cluster import ClusterOptions, connect, default_layout, make_security
+from wsiflow.execution.cluster import (
+    ClusterOptions,
+    connect,
+    default_layout,
+    make_security,
+    worker_devices,
+)
 from wsiflow.execution.loopback import free_port, loopback_cluster
 from wsiflow.execution.tasks import TaskError
 
@@ -26,6 +32,37 @@ def test_default_layout_uses_the_machine() -> None:
     assert default_layout("auto", cpus=16, gpus=2) == (2, 8)  # one worker per GPU
     assert default_layout("cpu", cpus=16, gpus=2) == (4, 4)  # --device cpu ignores GPUs
     assert default_layout("auto", cpus=1, gpus=0) == (1, 1)
+
+
+def test_each_worker_gets_its_own_gpu() -> None:
+    assert worker_devices(2, gpus=2) == ["0", "1"]
+    assert worker_devices(4, gpus=2) == ["0", "1", "0", "1"]  # round robin: two per GPU
+    assert worker_devices(1, gpus=0) == []  # no GPU: nothing pinned
+    # the client's own CUDA_VISIBLE_DEVICES is dealt out (indices or UUIDs), not 0..n-1
+    assert worker_devices(2, gpus=2, visible="3, 5") == ["3", "5"]
+    assert worker_devices(3, gpus=1, visible="GPU-aa,GPU-bb") == ["GPU-aa"] * 3
+    assert worker_devices(2, gpus=2, visible="") == ["0", "1"]
+
+
+def _visible_devices() -> str | None:
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.mark.slow
+def test_embedded_cluster_pins_one_gpu_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no GPU here: pretend the client sees two, and check what each worker process was given
+    # (torch in the workers then sees none: CUDA_VISIBLE_DEVICES only narrows real devices)
+    import wsiflow.execution.cluster as cluster
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(cluster, "_gpus", lambda device: 2)
+    with connect(ClusterOptions(n_workers=2, threads_per_worker=1)) as session:
+        seen = session.client.run(_visible_devices)
+        assert sorted(seen.values()) == ["0", "1"]
+        assert "GPUs 0,1" in session.description
+        assert session.total_threads() == 2
 
 
 def test_security_options(tmp_path: Path) -> None:

@@ -101,3 +101,19 @@ def test_workers_open_slides_with_tiffslide_first(jpeg_smear: Path) -> None:
     clear_caches()
     assert get_slide(SlideRef(str(jpeg_smear))).backend == "tiffslide"
     clear_caches()
+
+
+def test_a_batch_through_one_unet_call_gives_the_per_tile_cells(jpeg_smear: Path, pipe_k2: Pipeline) -> None:
+    from wsiflow.pipeline.batch import process_tile
+
+    ref = SlideRef(str(jpeg_smear), mpp=CLS_MPP)
+    s = get_slide(ref)
+    tiles = TileGrid.from_pipeline(*s.dimensions, s.mpp, pipe_k2).tiles
+    refs, _ = resolve_models(pipe_k2, "cpu")
+    models = get_models(refs, pipe_k2)
+    batched = process_batch(s, tiles, pipe_k2, models)
+    one_by_one = CellTable.concat(
+        [process_tile(s, t, pipe_k2, models) for t in tiles], n_classes=len(pipe_k2.taxonomy)
+    )
+    assert len(tiles) > 2 and len(batched) > 10
+    assert batched.equals(one_by_one)

@@ -178,3 +178,63 @@ def test_segmenter_end_to_end_shapes(tmp_path: Path) -> None:
     assert table.x[0] == pytest.approx(10 + 2 * 30.5, abs=0.01)
     assert table.y[0] == pytest.approx(20 + 2 * 20.5, abs=0.01)
     assert (table.poly_xy[:, 0] >= 10).all() and (table.poly_xy[:, 0] <= 10 + 67 * 2).all()
+
+
+def _batch_images() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    shapes = [(160, 192), (160, 192), (128, 144), (160, 192), (160, 192)]
+    images = []
+    for h, w in shapes:
+        img = np.full((h, w, 3), 235, np.uint8)
+        for _ in range(6):  # dark "nuclei" on a light background
+            cy, cx, r = rng.integers(10, h - 10), rng.integers(10, w - 10), rng.integers(5, 14)
+            yy, xx = np.ogrid[:h, :w]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.integers(40, 140, 3)
+        images.append(np.clip(img + rng.integers(0, 12, img.shape), 0, 255).astype(np.uint8))
+    return images
+
+
+def _demo_segmenter() -> Segmenter:
+    from wsiflow.config import load_pipeline
+
+    pipe = load_pipeline("mds")
+    return Segmenter(pipe.segmenter.bundle, pipe.segmenter)
+
+
+def test_batched_unet_maps_equal_one_image_at_a_time() -> None:
+    # the shipped demo U-Net (real width) on CPU: the maps of a batch of
+    # tiles are bit-identical to one call per tile (CPU runs one image per forward call),
+    # whatever the grouping: mixed shapes, order kept
+    seg = _demo_segmenter()
+    assert seg.max_batch == 1  # on CPU
+    images = _batch_images()
+    batched = seg.probability_maps_batch(images, mpp=0.5)
+    assert len(batched) == len(images)
+    for img, (cell, nuc) in zip(images, batched, strict=True):
+        one_cell, one_nuc = seg.probability_maps(img, mpp=0.5)
+        assert cell.shape == img.shape[:2]
+        assert np.array_equal(cell, one_cell)
+        assert (nuc is None) == (one_nuc is None) == (not seg.has_nucleus)
+        assert nuc is None or np.array_equal(nuc, one_nuc)
+    assert seg.probability_maps_batch([], mpp=0.5) == []
+
+
+def test_the_gpu_path_stacks_tiles_into_one_forward_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what a GPU runs (several tiles per forward call), here on CPU: the same maps as one
+    # tile per call up to rounding (oneDNN rounds differently with the batch size), in order,
+    # with shapes grouped and max_batch splitting a long batch
+    seg = _demo_segmenter()
+    seg.max_batch = 3
+    calls: list[int] = []
+    forward = seg._forward
+    monkeypatch.setattr(seg, "_forward", lambda rgbs, mpp: calls.append(len(rgbs)) or forward(rgbs, mpp))
+    images = _batch_images()
+    batched = seg.probability_maps_batch(images, mpp=0.5)
+    assert sorted(calls) == [1, 1, 3]  # four 160×192 tiles (3 + 1), one 128×144
+    for img, (cell, nuc) in zip(images, batched, strict=True):
+        one_cell, one_nuc = seg.probability_maps(img, mpp=0.5)
+        assert cell.shape == img.shape[:2]
+        np.testing.assert_allclose(cell, one_cell, rtol=0, atol=1e-5)
+        assert (nuc is None) == (one_nuc is None)
+        if nuc is not None:
+            np.testing.assert_allclose(nuc, one_nuc, rtol=0, atol=1e-5)

@@ -77,7 +77,11 @@ def predict_probs(
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(dev)
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            if dev.type == "cuda":  # pinned host memory: the copy does not block the host
+                batch = batch.pin_memory().to(dev, non_blocking=True)
+            else:
+                batch = batch.to(dev)
             x = ((batch.permute(0, 3, 1, 2).float() / 255.0 - m) / s).contiguous(
                 memory_format=torch.channels_last
             )

@@ -17,6 +17,7 @@ simplified with shapely by ``simplify_um``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,6 +72,13 @@ class Segmenter:
         self.mpp = bundle.mpp
         self._mean = torch.tensor(bundle.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(bundle.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # Images per forward call. On CPU one: oneDNN's convolutions round differently with
+        # the batch size (last-bit differences in the maps, measured on the demo U-Net), and
+        # a tile's cells must not depend on which tiles shared its task (retries split
+        # batches); a 1,024² tile already fills the cores. On a GPU, MAX_BATCH.
+        self.max_batch = self.MAX_BATCH if self.device.type == "cuda" else 1
+
+    MAX_BATCH = 8  # images per forward call in probability_maps_batch, on a GPU
 
     @torch.inference_mode()
     def probability_maps(
@@ -81,16 +89,43 @@ class Segmenter:
         ``mpp``: µm/px of ``rgb``; when it differs from the bundle's by more than 10% the
         image is resampled to the bundle's µm/px and the maps back to the input size.
         """
-        if rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
-        h, w = rgb.shape[:2]
-        x = (
-            torch.from_numpy(np.ascontiguousarray(rgb))
-            .to(self.device)
-            .permute(2, 0, 1)[None]
-            .float()
-            .div_(255)
-        )
+        _check_rgb(rgb)
+        return self._forward([rgb], mpp)[0]
+
+    @torch.inference_mode()
+    def probability_maps_batch(
+        self, rgbs: Sequence[NDArray[np.uint8]], mpp: float | None = None
+    ) -> list[tuple[NDArray[np.float32], NDArray[np.float32] | None]]:
+        """:meth:`probability_maps` of each image, in order: the images of one shape go
+        through the network together, up to ``max_batch`` per forward call (the tiles of a
+        task share their read size, so on a GPU a task is one or a few calls). On CPU
+        ``max_batch`` is 1, so the maps are exactly those of one image at a time."""
+        for rgb in rgbs:
+            _check_rgb(rgb)
+        out: list[tuple[NDArray[np.float32], NDArray[np.float32] | None] | None] = [None] * len(rgbs)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, rgb in enumerate(rgbs):
+            by_shape.setdefault(tuple(rgb.shape), []).append(i)
+        for idx in by_shape.values():
+            step = max(1, self.max_batch)
+            for k in range(0, len(idx), step):
+                part = idx[k : k + step]
+                for i, maps in zip(part, self._forward([rgbs[i] for i in part], mpp), strict=True):
+                    out[i] = maps
+        return [m for m in out if m is not None]
+
+    def _forward(
+        self, rgbs: Sequence[NDArray[np.uint8]], mpp: float | None
+    ) -> list[tuple[NDArray[np.float32], NDArray[np.float32] | None]]:
+        """Maps of same-shape RGB images in one forward call (a batch of len(rgbs))."""
+        h, w = rgbs[0].shape[:2]
+        arr = rgbs[0][None] if len(rgbs) == 1 else np.stack(rgbs)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if self.device.type == "cuda":  # pinned host memory: the copy overlaps host work
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        else:
+            t = t.to(self.device)
+        x = t.permute(0, 3, 1, 2).float().div_(255)
         if mpp is not None and abs(mpp / self.mpp - 1) > MPP_TOLERANCE:
             size = (max(1, round(h * mpp / self.mpp)), max(1, round(w * mpp / self.mpp)))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=mpp < self.mpp)
@@ -103,8 +138,8 @@ class Segmenter:
         probs = torch.sigmoid(logits.float())
         if probs.shape[-2:] != (h, w):
             probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        out = probs[0].cpu().numpy().astype(np.float32)
-        return out[0], (out[1] if self.has_nucleus else None)
+        out = probs.cpu().numpy().astype(np.float32)
+        return [(out[i, 0], (out[i, 1] if self.has_nucleus else None)) for i in range(len(rgbs))]
 
     def probabilities(self, rgb: NDArray[np.uint8], mpp: float | None = None) -> NDArray[np.float32]:
         """Cell probability (H, W) float32 for an RGB uint8 image at the segmenter's µm/px."""
@@ -123,8 +158,26 @@ class Segmenter:
         ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,)).
         With ``owner`` (the tile read), only the cells that tile owns are built
         (``keep_cut``: also those cut by the image edge, flagged in touches_edge)."""
-        cell, nucleus = self.probability_maps(rgb, mpp)
+        ((cell, nucleus),) = self.probability_maps_batch([rgb], mpp)
+        return self.instances(cell, nucleus, origin_xy, scale, mpp, owner, keep_cut)
+
+    def instances(
+        self,
+        cell: NDArray[np.float32],
+        nucleus: NDArray[np.float32] | None,
+        origin_xy: tuple[float, float],
+        scale: float,
+        mpp: float,
+        owner: Tile | None = None,
+        keep_cut: bool = False,
+    ) -> tuple[CellTable, NDArray[np.bool_]]:
+        """:meth:`segment` from maps already computed (:meth:`probability_maps_batch`)."""
         return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, owner, keep_cut)
+
+
+def _check_rgb(rgb: NDArray[np.uint8]) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
 
 
 def _labels(

@@ -11,13 +11,21 @@ reads by default.
 Every worker gets :class:`TorchThreads`, which sets ``torch.set_num_threads`` to the
 worker's thread count (LocalCluster pins OMP/MKL threads to 1 in the workers, and an
 external worker may have any environment).
+
+GPUs: the embedded cluster makes one worker per visible GPU and pins each worker process to
+its own device: worker *i* starts with ``CUDA_VISIBLE_DEVICES`` set to the *i*-th visible
+device (round robin when ``--workers`` exceeds the GPUs), passed as the nanny's ``env`` so
+it is in place before torch initialises CUDA in that process (:func:`worker_devices`,
+:class:`PinnedLocalCluster`). Inside a worker its GPU is then ``cuda:0``. An external
+cluster does the same by starting one ``dask worker`` per GPU, each with its own
+``CUDA_VISIBLE_DEVICES`` and ``--resources GPU=1`` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -33,10 +41,12 @@ from wsiflow.errors import ConfigError
 __all__ = [
     "ClusterOptions",
     "ClusterSession",
+    "PinnedLocalCluster",
     "TorchThreads",
     "connect",
     "default_layout",
     "make_security",
+    "worker_devices",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +108,57 @@ def default_layout(device: str = "auto", cpus: int | None = None, gpus: int | No
     else:
         n = max(1, cpus // 4)
     return n, max(1, cpus // n)
+
+
+def worker_devices(n_workers: int, gpus: int, visible: str | None = None) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` value of each of ``n_workers`` workers: one device each.
+
+    ``visible`` is the client's own ``CUDA_VISIBLE_DEVICES`` (indices or ``GPU-…`` UUIDs);
+    its first ``gpus`` entries are dealt out, else ``0 … gpus-1``. Worker *i* gets device
+    ``i mod gpus`` (two workers per GPU when there are twice as many workers). No GPUs → [].
+    """
+    if gpus < 1 or n_workers < 1:
+        return []
+    if visible is not None and visible.strip() not in ("", "-1"):
+        devices = [d.strip() for d in visible.split(",") if d.strip()][:gpus]
+    else:
+        devices = [str(i) for i in range(gpus)]
+    if not devices:
+        return []
+    return [devices[i % len(devices)] for i in range(n_workers)]
+
+
+class PinnedLocalCluster(LocalCluster):
+    """A LocalCluster whose worker *i* runs with ``CUDA_VISIBLE_DEVICES=devices[i]``.
+
+    LocalCluster gives every worker the same spec; here the workers are added after start by
+    :meth:`new_worker_spec`, each spec a copy with its own ``env`` (the nanny sets it in the
+    worker process before anything in it imports torch).
+    """
+
+    def __init__(self, devices: Sequence[str], **kwargs: Any) -> None:
+        if not devices:
+            raise ValueError("PinnedLocalCluster needs at least one device")
+        self.devices = list(devices)
+        kwargs.pop("n_workers", None)
+        super().__init__(n_workers=0, **kwargs)
+        self.scale(len(self.devices))
+
+    def new_worker_spec(self) -> dict[Any, dict[str, Any]]:
+        ((name, spec),) = super().new_worker_spec().items()
+        options = dict(spec.get("options") or {})
+        env = dict(options.get("env") or {})
+        env["CUDA_VISIBLE_DEVICES"] = self.devices[int(name) % len(self.devices)]
+        options["env"] = env
+        return {name: {**spec, "options": options}}
+
+
+def _gpus(device: str) -> int:
+    if device == "cpu":
+        return 0
+    from wsiflow.models.device import cuda_device_count
+
+    return cuda_device_count()
 
 
 def make_security(options: ClusterOptions) -> Security | None:
@@ -194,28 +255,36 @@ def _connect(options: ClusterOptions, silence: int) -> Iterator[ClusterSession]:
             client.close()
         return
 
-    n_default, t_default = default_layout(options.device)
+    gpus = _gpus(options.device)
+    n_default, t_default = default_layout(options.device, gpus=gpus)
     n = options.n_workers or n_default
     t = options.threads_per_worker or t_default
     if n < 1 or t < 1:
         raise ConfigError("", "--workers", "workers and threads per worker must be at least 1")
-    cluster = LocalCluster(
-        n_workers=n,
+    devices = worker_devices(n, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    kwargs: dict[str, Any] = dict(
         threads_per_worker=t,
         processes=True,
         host=LOOPBACK,
         dashboard_address=f"{LOOPBACK}:0",
         silence_logs=silence,
     )
+    cluster = PinnedLocalCluster(devices, **kwargs) if devices else LocalCluster(n_workers=n, **kwargs)
     try:
         client = Client(cluster, set_as_default=False)
         try:
+            if devices:  # workers are added after start: wait for all of them
+                client.wait_for_workers(n, timeout=options.connect_timeout_s)
             client.register_plugin(TorchThreads(t))
             yield ClusterSession(
                 client=client,
                 embedded=True,
                 dashboard_link=_dashboard(cluster.dashboard_link),
-                description=f"embedded cluster {cluster.scheduler_address} ({n} workers × {t} threads)",
+                description=(
+                    f"embedded cluster {cluster.scheduler_address} ({n} workers × {t} threads"
+                    + (f", GPUs {','.join(devices)}" if devices else "")
+                    + ")"
+                ),
             )
         finally:
             client.close()

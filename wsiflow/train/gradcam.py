@@ -37,6 +37,11 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def grad_cam(
     model: nn.Module,
     images: np.ndarray,
@@ -45,21 +50,26 @@ def grad_cam(
     layer: str = DEFAULT_LAYER,
     targets: Sequence[int] | None = None,
 ) -> list[CamResult]:
-    """Heat maps for uint8 (n, h, w, 3) images; target = predicted class unless given."""
+    """Heat maps for uint8 (n, h, w, 3) images; target = predicted class unless given.
+
+    Runs where the model is (the images are moved to its parameters' device, CPU or CUDA,
+    in float32: no autocast, the gradients need the precision); results are NumPy on the CPU.
+    """
     model.eval()
+    dev = _device_of(model)
     acts: list[torch.Tensor] = []
     handle = _layer(model, layer).register_forward_hook(lambda _m, _i, out: acts.append(out))
     try:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        m = torch.tensor(list(mean)).view(1, 3, 1, 1)
-        s = torch.tensor(list(std)).view(1, 3, 1, 1)
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(dev).permute(0, 3, 1, 2).float() / 255.0
+        m = torch.tensor(list(mean), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+        s = torch.tensor(list(std), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
         x = ((x - m) / s).requires_grad_(False)
         with torch.enable_grad():
             logits = model(x)
             a = acts[-1]
-            probs = torch.softmax(logits.detach(), 1).numpy()
+            probs = torch.softmax(logits.detach().float(), 1).cpu().numpy()
             tgt = [int(t) for t in targets] if targets is not None else probs.argmax(1).tolist()
-            score = logits[torch.arange(len(tgt)), torch.tensor(tgt)].sum()
+            score = logits[torch.arange(len(tgt), device=dev), torch.tensor(tgt, device=dev)].sum()
             (grad,) = torch.autograd.grad(score, a)
     finally:
         handle.remove()
@@ -67,7 +77,7 @@ def grad_cam(
     cam = torch.relu((weights * a.detach()).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=images.shape[1:3], mode="bilinear", align_corners=False)[
         :, 0
-    ]
+    ].cpu()
     out = []
     for i in range(len(images)):
         c = cam[i].numpy()
