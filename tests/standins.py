@@ -152,8 +152,9 @@ def make_random_inception(path: Path, pipeline: Pipeline, input_px: int, seed: i
 
 
 def standin_pipeline(seg: Path, cls: Path, tile_um: float = TILE_UM_A, input_px: int = 75) -> dict[str, Any]:
-    """The shipped mds pipeline with the stand-in bundles, test tiling and no tissue step."""
-    base = load_pipeline("mds").model_dump(mode="json")
+    """The shipped mds-demo pipeline (the generated-cell settings these stand-ins mimic) with
+    the stand-in bundles, test tiling and no tissue step."""
+    base = load_pipeline("mds-demo").model_dump(mode="json")
     base["name"] = "mds-standin"
     base["resolution"] = {"seg_mpp": 0.5, "cls_mpp": 0.5}
     base["tiling"] = {"tile_um": tile_um, "halo_um": 16.0, "max_object_um": 24.0, "batch_tiles": 2}
