@@ -141,7 +141,7 @@ def stage_profile(
     acc: dict[str, float] = defaultdict(float)
     patches: list[tuple[Any, str, str]] = [
         (Slide, "read", "read (Slide.read, seg + cls)"),
-        (S.Segmenter, "probability_maps_batch", "U-Net (probability_maps_batch)"),
+        (S.Segmenter, "probability_maps", "U-Net (probability_maps)"),
         (S, "instances_from_probs", "post-processing (instances, polygons)"),
         (K, "crop_cells", "crops (crop_cells)"),
         (C.Classifier, "predict", "InceptionV3 (Classifier.predict)"),
@@ -161,7 +161,7 @@ def stage_profile(
             cm.__exit__(None, None, None)
     prof.dump_stats(str(prof_path))
     stages = {k: round(v, 3) for k, v in acc.items()}
-    model = acc["U-Net (probability_maps_batch)"] + acc["InceptionV3 (Classifier.predict)"]
+    model = acc["U-Net (probability_maps)"] + acc["InceptionV3 (Classifier.predict)"]
     stages["other (ownership, ids, table ops)"] = round(total - sum(acc.values()), 3)
     return {
         "tiles": len(tiles),

@@ -158,7 +158,7 @@ class Segmenter:
         ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,)).
         With ``owner`` (the tile read), only the cells that tile owns are built
         (``keep_cut``: also those cut by the image edge, flagged in touches_edge)."""
-        ((cell, nucleus),) = self.probability_maps_batch([rgb], mpp)
+        cell, nucleus = self.probability_maps(rgb, mpp)
         return self.instances(cell, nucleus, origin_xy, scale, mpp, owner, keep_cut)
 
     def instances(
