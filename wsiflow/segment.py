@@ -159,19 +159,6 @@ class Segmenter:
         With ``owner`` (the tile read), only the cells that tile owns are built
         (``keep_cut``: also those cut by the image edge, flagged in touches_edge)."""
         cell, nucleus = self.probability_maps(rgb, mpp)
-        return self.instances(cell, nucleus, origin_xy, scale, mpp, owner, keep_cut)
-
-    def instances(
-        self,
-        cell: NDArray[np.float32],
-        nucleus: NDArray[np.float32] | None,
-        origin_xy: tuple[float, float],
-        scale: float,
-        mpp: float,
-        owner: Tile | None = None,
-        keep_cut: bool = False,
-    ) -> tuple[CellTable, NDArray[np.bool_]]:
-        """:meth:`segment` from maps already computed (:meth:`probability_maps_batch`)."""
         return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, owner, keep_cut)
 
 
