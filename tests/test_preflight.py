@@ -77,7 +77,7 @@ def test_odd_workers_are_named_and_the_run_stops_before_any_slide(cluster) -> No
     out = d / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "wsiflow", "run", str(smear), "-o", str(out), "--scheduler", pair.address,
-         "--no-progress"],
+         "--no-progress", "--pipeline", "mds-demo"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
@@ -95,7 +95,7 @@ def test_odd_workers_are_named_and_the_run_stops_before_any_slide(cluster) -> No
 
 def test_a_matching_worker_passes_and_a_slide_it_cannot_read_is_named(cluster) -> None:
     d, smear, pair = cluster
-    refs, _ = resolve_models(load_pipeline("mds"), "cpu")
+    refs, _ = resolve_models(load_pipeline("mds-demo"), "cpu")
     with Client(pair.address, timeout=60, set_as_default=False) as c:
         w0 = [a for a, w in c.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == "w0"]
         reports = c.run(

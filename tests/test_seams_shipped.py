@@ -65,7 +65,7 @@ def test_demo_seg_same_cells_for_two_tile_sizes_with_megakaryocytes_on_seams(tmp
         touching_fraction=0.3, lineage_mix={"erythroid": 0.3, "granulocytic": 0.3, "megakaryocytic": 0.4},
     )  # fmt: skip
     res = synthesize(tmp_path / "marrow.svs", params)
-    base = load_pipeline("mds")
+    base = load_pipeline("mds-demo")  # demo-seg + mds-demo: the generated-cell models
     a, grid_a, cut_a = _cells(res.slide, _with_tile(base, 384.0))  # seams at 384 µm
     b, grid_b, cut_b = _cells(res.slide, _with_tile(base, 256.0))  # seams at 256, 512 µm
     assert len(grid_a) == 4 and len(grid_b) == 9
