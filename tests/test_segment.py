@@ -197,7 +197,7 @@ def _batch_images() -> list[np.ndarray]:
 def _demo_segmenter() -> Segmenter:
     from wsiflow.config import load_pipeline
 
-    pipe = load_pipeline("mds")
+    pipe = load_pipeline("mds-demo")
     return Segmenter(pipe.segmenter.bundle, pipe.segmenter)
 
 
