@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,11 @@ def split_indices(
         train = np.setdiff1d(idx, np.concatenate([test, val]))
         return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
     counts = np.bincount(labels)
-    strat = labels if counts[counts > 0].min() >= 3 else None
+    n_classes = int((counts > 0).sum())
+    # stratified when every class can give each part a member (sklearn refuses otherwise)
+    smallest_part = min(math.ceil(f_test * n), math.ceil(f_val * n))
+    stratified = counts[counts > 0].min() >= 3 and smallest_part >= n_classes
+    strat = labels if stratified else None
     rest, test = train_test_split(idx, test_size=f_test, random_state=seed, stratify=strat)
     strat_rest = labels[rest] if strat is not None else None
     train, val = train_test_split(
