@@ -16,13 +16,12 @@ import argparse
 import gzip
 import importlib.util
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from seg_real import run_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "segpc-marrow"
@@ -77,28 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     pipes = a.pipelines.split(",")
     labels = a.labels.split(",") if a.labels else pipes
     rows = []
-    wsiflow = str(Path(sys.executable).with_name("wsiflow"))
     for pipe, label in zip(pipes, labels, strict=True):
         out = a.work / f"run-{Path(pipe).stem}"
-        subprocess.run(
-            [
-                wsiflow,
-                "run",
-                str(slide),
-                "-o",
-                str(out),
-                "--pipeline",
-                pipe,
-                "--workers",
-                "1",
-                "--threads-per-worker",
-                "1",
-                "--no-progress",
-                "--overwrite",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        run_slide(slide, out, pipe)
         polys = _polygons(out / slide.stem / "cells.geojson.gz")
         im = strip.copy()
         im[outline] = (255, 220, 0)

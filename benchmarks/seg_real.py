@@ -33,6 +33,16 @@ TOOLS = ROOT.parent / "shared" / "tools"
 WBC_MPP = {"Dataset 1": 0.18, "Dataset 2": 0.077}
 
 
+def run_slide(slide: Path, out: Path, pipeline: str | Path) -> None:
+    """``wsiflow run`` of one slide as these figures are made: 1 worker × 1 thread, replacing OUT."""
+    subprocess.run(
+        [str(Path(sys.executable).with_name("wsiflow")), "run", str(slide), "-o", str(out), "--pipeline",
+         str(pipeline), "--workers", "1", "--threads-per-worker", "1", "--no-progress", "--overwrite"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+
+
 def _mosaic(bundle_path: Path, pipeline: str, work: Path) -> dict[str, Any]:
     import yaml
 
@@ -62,25 +72,7 @@ def _mosaic(bundle_path: Path, pipeline: str, work: Path) -> dict[str, Any]:
     pipe = work / "pipeline.yaml"
     pipe.write_text(yaml.safe_dump(data), encoding="utf-8")
     out = work / "run"
-    subprocess.run(
-        [
-            str(Path(sys.executable).with_name("wsiflow")),
-            "run",
-            str(slide),
-            "-o",
-            str(out),
-            "--pipeline",
-            str(pipe),
-            "--workers",
-            "1",
-            "--threads-per-worker",
-            "1",
-            "--no-progress",
-            "--overwrite",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    run_slide(slide, out, pipe)
     score = subprocess.run(
         [
             sys.executable,
