@@ -21,6 +21,8 @@ from numpy.typing import NDArray
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from wsiflow.train.metrics import unit_square_png
+
 __all__ = [
     "N_BINS",
     "Reliability",
@@ -140,32 +142,15 @@ def plot_reliability(
 ) -> bytes:
     """Reliability diagram: per-bin accuracy against mean confidence, one line per curve
     (e.g. raw and temperature-scaled), with the ECE in the legend; PNG bytes."""
-    import io
+    def draw(ax: Any) -> None:
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
+        for label, rel in curves.items():
+            keep = rel.count > 0
+            ax.plot(
+                rel.confidence[keep], rel.accuracy[keep], marker="o", ms=3, lw=1.5,
+                label=f"{label} (ECE {rel.ece:.4f})",
+            )  # fmt: skip
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 5.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
-    for label, rel in curves.items():
-        keep = rel.count > 0
-        ax.plot(
-            rel.confidence[keep],
-            rel.accuracy[keep],
-            marker="o",
-            ms=3,
-            lw=1.5,
-            label=f"{label} (ECE {rel.ece:.4f})",
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("Mean confidence of the predicted class")
-    ax.set_ylabel("Accuracy")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return unit_square_png(
+        draw, "Mean confidence of the predicted class", "Accuracy", title, "upper left", inches=5.5
+    )

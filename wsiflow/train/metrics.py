@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,28 +228,41 @@ def classification_report(
     )
 
 
-def plot_roc(report: ClassificationReport, path: Path, title: str = "ROC, one-vs-rest") -> None:
-    """ROC curves per class (Fig. 1) as a PNG, drawn without pyplot (no global backend)."""
+def unit_square_png(
+    draw: Callable[[Any], None], xlabel: str, ylabel: str, title: str, legend_loc: str, inches: float = 6.0
+) -> bytes:
+    """A PNG of curves on the unit square with the grey diagonal (ROC, reliability), drawn by
+    ``draw(ax)`` without pyplot (no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 6), dpi=120)
+    fig = Figure(figsize=(inches, inches), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    auc_by = {m.code: m.auc for m in report.per_class}
-    for code, (fpr, tpr) in report.roc.items():
-        ax.plot(fpr, tpr, lw=1.5, label=f"{code} (AUC {auc_by[code]:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax: Any = fig.add_subplot(1, 1, 1)
+    draw(ax)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("Sensitivity")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue(), fsync=False, mkdir=True)
+    return buf.getvalue()
+
+
+def plot_roc(report: ClassificationReport, path: Path, title: str = "ROC, one-vs-rest") -> None:
+    """ROC curves per class (Fig. 1) as a PNG."""
+    auc_by = {m.code: m.auc for m in report.per_class}
+
+    def draw(ax: Any) -> None:
+        for code, (fpr, tpr) in report.roc.items():
+            ax.plot(fpr, tpr, lw=1.5, label=f"{code} (AUC {auc_by[code]:.3f})")
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+
+    png = unit_square_png(draw, "1 - specificity", "Sensitivity", title, "lower right")
+    atomic_write_bytes(path, png, fsync=False, mkdir=True)
 
 
 def write_report(
