@@ -263,8 +263,6 @@ def harvest(
     radius_um: float = 3.0,
 ) -> HarvestReport:
     """Match labels to cells, write their crops and the manifest (appending); see the module doc."""
-    from wsiflow.slide import open_slide
-
     if not labels:
         raise ConfigError("harvest", "--labels", "give at least one labels file")
     slides = {s.key: s for s in find_result_slides(results)}
@@ -318,7 +316,7 @@ def harvest(
                 wanted[idx] = code
         if not wanted:
             continue
-        _write_crops(s, wanted, out, open_slide)
+        _write_crops(s, wanted, out)
         uuids = cell_uuids(uuid_seed(s.identity, s.path), s.cells.id[list(wanted)])
         for (idx, code), uid in zip(wanted.items(), uuids, strict=True):
             cid = str(int(s.cells.id[idx]))
@@ -377,8 +375,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _write_crops(s: ResultSlide, wanted: Mapping[int, str], out: Path, open_slide: Any) -> None:
+def _write_crops(s: ResultSlide, wanted: Mapping[int, str], out: Path) -> None:
     """Crops of the wanted cells, tile by tile, exactly as inference cut them."""
+    from wsiflow.slide import open_slide
+
     ident = s.identity
     path = ident.get("path")
     if not path:
@@ -389,6 +389,8 @@ def _write_crops(s: ResultSlide, wanted: Mapping[int, str], out: Path, open_slid
         if dims and [int(v) for v in slide.dimensions] != [int(v) for v in dims]:
             raise ConfigError(str(path), "", "is not the slide this run analysed (size differs)")
         w, h = (int(v) for v in slide.dimensions)
+        if slide.mpp is None:
+            raise ConfigError(str(path), "", "has no µm/px and the run recorded no --mpp override")
         grid = TileGrid.from_pipeline(w, h, float(slide.mpp), s.pipeline)
         idx = np.fromiter(wanted, np.int64)
         tiles = np.asarray(read_tile_column(s), np.int64)[idx]
