@@ -192,6 +192,7 @@ def _standin_segmenter(path: Path) -> None:
     import torch
 
     from wsiflow.models.bundle import save_bundle
+    from wsiflow.models.card import CardClass, CardContent, Normalization
     from wsiflow.models.unet import UNet
 
     torch.manual_seed(0)
@@ -215,53 +216,54 @@ def _standin_segmenter(path: Path) -> None:
         sd["head.weight"][ch, ch, 0, 0] = 255 * 0.25
     sd["head.bias"][:] = -0.5
     m.load_state_dict(sd)
-    card = {
-        "name": "bench-seg-standin",
-        "task": "segmenter",
-        "architecture": "unet",
-        "kwargs": {"in_ch": 3, "out_ch": 2, "depth": 4, "width": 8},
-        "classes": [
-            {"code": "cell", "name": "Nucleated cell", "color": [0, 200, 0]},
-            {"code": "nucleus", "name": "Nucleus", "color": [255, 255, 0]},
+    card = CardContent(
+        name="bench-seg-standin",
+        task="segmenter",
+        architecture="unet",
+        kwargs={"in_ch": 3, "out_ch": 2, "depth": 4, "width": 8},
+        classes=[
+            CardClass(code="cell", name="Nucleated cell", color=[0, 200, 0]),
+            CardClass(code="nucleus", name="Nucleus", color=[255, 255, 0]),
         ],
-        "input_px": None,
-        "mpp": 0.5,
-        "normalization": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-        "training_data": {
+        input_px=None,
+        mpp=0.5,
+        normalization=Normalization(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]),
+        training_data={
             "name": "none",
             "licence": "n/a",
             "description": "hand-set colour threshold (benchmark)",
         },
-        "metrics": {},
-        "demo": True,
-    }
+        metrics={},
+        demo=True,
+    )
     save_bundle(m, card, path)
+
+
+CLASS_KEYS = ("code", "name", "lineage", "dysplastic", "blast", "color")
 
 
 def _standin_classifier(path: Path, taxonomy: list[dict[str, Any]], input_px: int) -> None:
     import torch
 
     from wsiflow.models.bundle import save_bundle
+    from wsiflow.models.card import CardClass, CardContent, Normalization
     from wsiflow.models.inception import build_inception_v3
 
     torch.manual_seed(0)
     m = build_inception_v3(num_classes=len(taxonomy), aux_logits=False, dropout=0.5, init_weights=True)
-    card = {
-        "name": f"bench-cls-standin-{input_px}",
-        "task": "classifier",
-        "architecture": "inception_v3",
-        "kwargs": {"num_classes": len(taxonomy), "aux_logits": False, "dropout": 0.5},
-        "classes": [
-            {k: c.get(k) for k in ("code", "name", "lineage", "dysplastic", "blast", "color")}
-            for c in taxonomy
-        ],
-        "input_px": input_px,
-        "mpp": 0.25,
-        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        "training_data": {"name": "none", "licence": "n/a", "description": "random weights (benchmark)"},
-        "metrics": {},
-        "demo": True,
-    }
+    card = CardContent(
+        name=f"bench-cls-standin-{input_px}",
+        task="classifier",
+        architecture="inception_v3",
+        kwargs={"num_classes": len(taxonomy), "aux_logits": False, "dropout": 0.5},
+        classes=[CardClass.model_validate({k: c.get(k) for k in CLASS_KEYS}) for c in taxonomy],
+        input_px=input_px,
+        mpp=0.25,
+        normalization=Normalization(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+        training_data={"name": "none", "licence": "n/a", "description": "random weights (benchmark)"},
+        metrics={},
+        demo=True,
+    )
     save_bundle(m, card, path)
 
 

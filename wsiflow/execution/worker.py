@@ -98,8 +98,8 @@ def resolve_models(pipeline: Pipeline, device: str = "auto") -> tuple[ModelRefs,
         raise ModelError(f"segmenter.bundle {seg.name!r} is a {seg.task} bundle, not a segmenter")
     if cls.task != "classifier":
         raise ModelError(f"classifier.bundle {cls.name!r} is a {cls.task} bundle, not a classifier")
-    check_taxonomy(cls.card, pipeline)
-    check_halo(seg.card, pipeline)
+    check_taxonomy(cls.model_card, pipeline)
+    check_halo(seg.model_card, pipeline)
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"--device must be auto, cpu or cuda, not {device!r}")
     refs = ModelRefs(

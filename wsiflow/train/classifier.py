@@ -26,6 +26,7 @@ from PIL import Image
 from wsiflow.classify import predict_probs
 from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
+from wsiflow.models.card import Calibration, CardClass, CardContent, Normalization
 from wsiflow.models.inception import build_inception_v3, check_input_px
 from wsiflow.train import data as D
 from wsiflow.train.calibration import calibration_summary, fit_temperature, log_probs
@@ -111,7 +112,7 @@ ProgressFn = Callable[[str, dict[str, Any]], None]
 """Called as ``progress(event, info)``: events "start", "batch", "epoch", "end"."""
 
 
-def _class_entries(classes: tuple[str, ...], meta: tuple[dict[str, Any], ...] | None) -> list[dict[str, Any]]:
+def _class_entries(classes: tuple[str, ...], meta: tuple[dict[str, Any], ...] | None) -> list[CardClass]:
     by_code = {str(m["code"]): m for m in (meta or ())}
     out = []
     for i, code in enumerate(classes):
@@ -127,7 +128,7 @@ def _class_entries(classes: tuple[str, ...], meta: tuple[dict[str, Any], ...] | 
         }
         if "nucleated" in m:
             entry["nucleated"] = bool(m["nucleated"])
-        out.append(entry)
+        out.append(CardClass.model_validate(entry))
     return out
 
 
@@ -480,29 +481,30 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     harvest_note, crop = _harvest_record(cfg.data)
     if cropper is not None:  # crops at the pipeline's cls_mpp, bbox (+ pad) resized to input_px
         input_mpp = cropper.pipeline.resolution.cls_mpp
-    card: dict[str, Any] = {
-        "name": name,
-        "task": "classifier",
-        "architecture": "inception_v3",
-        "kwargs": {"num_classes": k, "aux_logits": False, "dropout": cfg.dropout},
-        "classes": _class_entries(samples.classes, cfg.classes_meta),
-        "input_px": cfg.input_px,
-        "mpp": round(input_mpp, 4),
-        "source_mpp": cfg.mpp,
-        "preprocessing": (cropper.describe() + "; RGB/255 then (x - mean) / std")
+    crop_entry: dict[str, Any] = {"crop": crop} if crop else {}  # only a harvest has a crop rule
+    card = CardContent(
+        name=name,
+        task="classifier",
+        architecture="inception_v3",
+        kwargs={"num_classes": k, "aux_logits": False, "dropout": cfg.dropout},
+        classes=_class_entries(samples.classes, cfg.classes_meta),
+        input_px=cfg.input_px,
+        mpp=round(input_mpp, 4),
+        source_mpp=cfg.mpp,
+        preprocessing=(cropper.describe() + "; RGB/255 then (x - mean) / std")
         if cropper is not None
         else (
             f"whole {src_w}x{src_h} image centred on a black {max(src_w, src_h)}-px square (not stretched), "
             f"resized (bilinear, antialiased) to {cfg.input_px}x{cfg.input_px}; "
             "RGB/255 then (x - mean) / std"
         ),
-        "normalization": {"mean": [round(v, 5) for v in mean], "std": [round(v, 5) for v in std]},
-        "training_data": {"name": data_name, **cfg.training_data, **harvest_note},
-        "metrics": metrics,
-        "calibration": calibration,
-        **({"crop": crop} if crop else {}),
-        "split_seed": cfg.seed,
-        "split": {
+        normalization=Normalization(mean=[round(v, 5) for v in mean], std=[round(v, 5) for v in std]),
+        training_data={"name": data_name, **cfg.training_data, **harvest_note},
+        metrics=metrics,
+        calibration=Calibration.model_validate(calibration),
+        **crop_entry,
+        split_seed=cfg.seed,
+        split={
             "method": "stratified-group" if samples.groups is not None else "stratified",
             "fractions": [0.8, 0.1, 0.1],
             "counts": {"train": len(tr), "val": len(va), "test": len(te)},
@@ -516,7 +518,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "val_digests": sorted({digests[i] for i in va}),
             "test_digests": sorted({digests[i] for i in te}),
         },
-        "training": {
+        training={
             "optimizer": "AdamW" if cfg.weight_decay > 0 else "Adam",
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
@@ -541,8 +543,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "initialised_from": init_note,
             "notes": cfg.notes,
         },
-        "demo": False,
-    }
+        demo=False,
+    )
     bundle = save_bundle(model, card, cfg.out, fp16=cfg.fp16_storage)
     emit("end", {"bundle": str(bundle.weights_path), "metrics": metrics})
     return bundle

@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
         resample = Image.Resampling.BOX if f < 1 else Image.Resampling.BILINEAR
         rgb = np.asarray(Image.fromarray(rgb).resize(size, resample))
-    align = 2 ** int(seg.bundle.card.get("kwargs", {}).get("depth", 0))
+    align = 2 ** int(seg.bundle.model_card.kwargs.get("depth", 0))
     prof = context_profile(seg.probability_maps, rgb, seg.mpp, tol=a.tol, align=align)
     marks = [0, 8, 16, 32, 48, 64, 96, 128]
     out = {

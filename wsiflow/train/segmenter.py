@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
+from wsiflow.models.card import CardClass, CardContent, Normalization
 from wsiflow.models.unet import UNet
 from wsiflow.train.common import (
     load_checkpoint,
@@ -263,7 +264,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     model = UNet(in_ch=3, out_ch=n_out, depth=cfg.depth, width=cfg.width)
     if init is not None:
         want = {"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width}
-        if init.task != "segmenter" or {k: init.card["kwargs"].get(k) for k in want} != want:
+        if init.task != "segmenter" or {k: init.model_card.kwargs.get(k) for k in want} != want:
             raise ConfigError(
                 str(init.weights_path), "init_from", f"{init.name} is not a U-Net segmenter like {want}"
             )
@@ -375,24 +376,25 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     if state["best"] is not None:
         load_checkpoint(best_stem, model, None)
     model = model.to("cpu").eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    classes = [{"code": "cell", "name": "Nucleated cell (nucleus ∪ cytoplasm)", "color": [0, 200, 0]}]
+    classes = [CardClass(code="cell", name="Nucleated cell (nucleus ∪ cytoplasm)", color=[0, 200, 0])]
     if n_out == 2:
-        classes.append({"code": "nucleus", "name": "Nucleus", "color": [255, 255, 0]})
+        classes.append(CardClass(code="nucleus", name="Nucleus", color=[255, 255, 0]))
     history = state["history"]
     ep_s = [h["epoch_s"] for h in history] or [0.0]
-    card: dict[str, Any] = {
-        "name": cfg.name or cfg.out.stem,
-        "task": "segmenter",
-        "architecture": "unet",
-        "kwargs": {"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width},
-        "classes": classes,
-        "input_px": None,
-        "mpp": float(cfg.target_mpp or cfg.mpp),
-        "normalization": {"mean": [float(v) for v in mean_np], "std": [float(v) for v in std_np]},
-        "training_data": {"n_images": len(samples), **cfg.training_data},
-        "metrics": {
+    validation = {k: v for k, v in (state["best"] or {}).items() if k.startswith("val_")}
+    card = CardContent(
+        name=cfg.name or cfg.out.stem,
+        task="segmenter",
+        architecture="unet",
+        kwargs={"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width},
+        classes=classes,
+        input_px=None,
+        mpp=float(cfg.target_mpp or cfg.mpp),
+        normalization=Normalization(mean=[float(v) for v in mean_np], std=[float(v) for v in std_np]),
+        training_data={"n_images": len(samples), **cfg.training_data},
+        metrics={
             "best_epoch": state["best_epoch"],
-            "validation": {k: v for k, v in (state["best"] or {}).items() if k.startswith("val_")},
+            "validation": validation,
             "epochs_run": len(history),
             "train_seconds": round(float(state["train_s"]), 1),
             "seconds_per_epoch": round(float(np.median(ep_s)), 1),
@@ -400,9 +402,9 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             "device": str(device),
             "threads": threads,
         },
-        "split_seed": cfg.seed,
-        "split": {"val_fraction": cfg.val_fraction, "n_train": len(train_s), "n_val": len(val_s)},
-        "training": {
+        split_seed=cfg.seed,
+        split={"val_fraction": cfg.val_fraction, "n_train": len(train_s), "n_val": len(val_s)},
+        training={
             "loss": "BCE + soft Dice per channel (nucleus channel only on images with nucleus masks)",
             "optimizer": "AdamW" if cfg.weight_decay > 0 else "Adam",
             "lr": cfg.lr,
@@ -426,10 +428,10 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
                 else {}
             ),
         },
-        "demo": False,
-        "notes": cfg.notes,
+        demo=False,
+        notes=cfg.notes,
         **cfg.extra_card,
-    }
+    )
     bundle = save_bundle(model, card, cfg.out, fp16=cfg.fp16_storage)
-    emit("end", {"bundle": str(bundle.weights_path), "metrics": card["metrics"]["validation"]})
+    emit("end", {"bundle": str(bundle.weights_path), "metrics": validation})
     return bundle
