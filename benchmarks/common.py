@@ -23,7 +23,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
 WSIFLOW = str(BIN / "wsiflow")
-DEFAULT_WORK = Path(tempfile.gettempdir()) / "wsiflow-bench"
 SHARED = ROOT.parent / "shared" / "data"
 CMU1 = SHARED / "slides" / "CMU-1-Small-Region.svs"
 
@@ -101,27 +99,6 @@ def machine() -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return info
-
-
-def add_common_args(parser: Any) -> None:
-    parser.add_argument("--quick", action="store_true", help="small inputs (run.py --quick)")
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for generated inputs")
-    parser.add_argument(
-        "--models",
-        choices=("auto", "shipped", "standin"),
-        default="auto",
-        help="shipped bundles (if present) or stand-ins with the same architectures",
-    )
-    parser.add_argument("--size", default=None, help="override the slide size, WIDTHxHEIGHT (debugging)")
-
-
-def pick_spec(args: Any, quick: SlideSpec, full: SlideSpec) -> SlideSpec:
-    """The slide for this run: quick or full, or ``--size`` (same seed and density)."""
-    spec = quick if args.quick else full
-    if args.size:
-        w, _, h = args.size.lower().partition("x")
-        spec = SlideSpec(int(w), int(h or w), spec.seed, spec.density, spec.mpp)
-    return spec
 
 
 @contextlib.contextmanager
