@@ -643,7 +643,7 @@ def test_slide_record_loads_its_file_and_names_a_bad_one(tmp_path: Path) -> None
         ("[1, 2]", "expected a JSON object"),
         ('{"summary": 3}', "'summary' is not an object"),
         ('{"summary": {"pipeline": "mds"}}', "not a wsiflow summary.json"),
-        ("{not json", "not valid JSON"),
+        ("{not json", "invalid JSON"),
     ):
         bad.write_text(text)
         with pytest.raises(OutputError, match=re.escape(f"{bad}: {why}")):

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from wsiflow.atomic import read_json_object
 from wsiflow.errors import ModelError
 
 __all__ = ["FORMAT", "Calibration", "CardClass", "CardContent", "ModelCard", "Normalization"]
@@ -142,13 +143,7 @@ class ModelCard(CardContent):
     def load(cls, path: str | Path) -> ModelCard:
         """The card file at ``path``, validated."""
         p = Path(path)
-        try:
-            doc = orjson.loads(p.read_bytes())
-        except OSError as exc:
-            raise ModelError(f"{p}: cannot read the card ({exc.strerror or exc})") from None
-        except orjson.JSONDecodeError as exc:
-            raise ModelError(f"{p}: invalid JSON card ({exc})") from None
-        card = cls.parse(doc, p)
+        card = cls.parse(read_json_object(p, ModelError), p)
         assert isinstance(card, ModelCard)
         return card
 

@@ -28,17 +28,9 @@ from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
 from wsiflow.models.card import Calibration, CardClass, CardContent, Normalization
 from wsiflow.models.inception import build_inception_v3, check_input_px
+from wsiflow.train import common
 from wsiflow.train import data as D
 from wsiflow.train.calibration import calibration_summary, fit_temperature, log_probs
-from wsiflow.train.common import (
-    cpu_autocast_dtype,
-    load_checkpoint,
-    lr_at,
-    pick_device,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
-)
 
 DEFAULT_COLORS = (
     (230, 25, 75),
@@ -272,11 +264,11 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     name = cfg.name or cfg.out.with_suffix("").name
     work = cfg.work_dir or cfg.out.parent / f"{name}.train"
     work.mkdir(parents=True, exist_ok=True)
-    threads = set_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    threads = common.set_threads(cfg.threads)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
     use_bf16 = device.type == "cpu" and (
-        cfg.bf16 if cfg.bf16 is not None else cpu_autocast_dtype() is not None
+        cfg.bf16 if cfg.bf16 is not None else common.cpu_autocast_dtype() is not None
     )
 
     samples = D.discover(cfg.data, [str(m["code"]) for m in cfg.classes_meta] if cfg.classes_meta else None)
@@ -360,7 +352,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         "stopped": None,
     }
     if cfg.resume:
-        loaded = load_checkpoint(last, model, opt)
+        loaded = common.load_checkpoint(last, model, opt)
         if loaded is not None:
             if loaded.get("split_test_sha256") != D.split_digest([rel[i] for i in te]):
                 raise ConfigError(
@@ -393,7 +385,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         run_loss, seen = 0.0, 0
         for b in range(steps_per_epoch):
             idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-            lr = lr_at(int(state["step"]), total_steps, cfg.lr, cfg.schedule)
+            lr = common.lr_at(int(state["step"]), total_steps, cfg.lr, cfg.schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
             x = D.normalize(D.augment(D.to_float(images[idx], device), gen), mean, std)
@@ -429,16 +421,16 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         state["epoch"] = epoch
         if v_loss < state["best_val_loss"]:
             state["best_val_loss"], state["best_epoch"] = v_loss, epoch
-            save_checkpoint(best, model, None, {"epoch": epoch, "val_loss": v_loss})
+            common.save_checkpoint(best, model, None, {"epoch": epoch, "val_loss": v_loss})
         if epoch - int(state["best_epoch"]) >= cfg.patience:
             state["stopped"] = f"early stopping: no better validation loss for {cfg.patience} epochs"
         elif time.monotonic() - t_start > wall_budget and epoch < cfg.epochs:
             state["stopped"] = f"wall-clock budget of {cfg.max_minutes} min reached"
         state["split_test_sha256"] = D.split_digest([rel[i] for i in te])
-        save_checkpoint(last, model, opt, state)
+        common.save_checkpoint(last, model, opt, state)
         emit("epoch", {**asdict(rec), "best_epoch": state["best_epoch"]})
 
-    if load_checkpoint(best, model) is None:
+    if common.load_checkpoint(best, model) is None:
         raise ConfigError(str(work), "", "no finished epoch to ship")
     bn_note: dict[str, Any] = {"applied": False}
     if cfg.bn_recalibrate:

@@ -30,14 +30,7 @@ from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
 from wsiflow.models.card import CardClass, CardContent, Normalization
 from wsiflow.models.unet import UNet
-from wsiflow.train.common import (
-    load_checkpoint,
-    lr_at,
-    pick_device,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
-)
+from wsiflow.train import common
 from wsiflow.train.seg_data import SegPair, find_pairs, load_pair, resample_pair
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -225,9 +218,9 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     emit: ProgressFn = progress or (lambda _e, _i: None)
     if cfg.crop < 16:
         raise ConfigError("train segmenter", "--crop", "must be at least 16 px")
-    threads = set_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    threads = common.set_threads(cfg.threads)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
     samples = _load(cfg)
     n_out = 2 if (cfg.nucleus if cfg.nucleus is not None else any(s.has_nucleus for s in samples)) else 1
     work_dir = cfg.work_dir or cfg.out.with_name(cfg.out.name + ".train")
@@ -281,7 +274,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     stem = work_dir / "last"
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "train_s": 0.0}
     if cfg.resume:
-        got = load_checkpoint(stem, model, opt)
+        got = common.load_checkpoint(stem, model, opt)
         if got:
             state.update(got)
             emit("resume", {"epoch": state["epoch"]})
@@ -321,7 +314,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
                     break
                 frac = max(frac, elapsed / budget_s)
             for g in opt.param_groups:
-                g["lr"] = lr_at(round(frac * (total_steps - 1)), total_steps, cfg.lr, cfg.schedule)
+                g["lr"] = common.lr_at(round(frac * (total_steps - 1)), total_steps, cfg.lr, cfg.schedule)
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             crops = [_crop(train_s[i], cfg.crop, rng) for i in idx]
             x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float().div(255)
@@ -361,11 +354,11 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
         state["train_s"] = float(state["train_s"]) + train_s_time
         if state["best"] is None or metrics["val_dice"] > state["best"]["val_dice"]:
             state["best"], state["best_epoch"] = dict(record), epoch
-            save_checkpoint(best_stem, model, None, {"epoch": epoch})
+            common.save_checkpoint(best_stem, model, None, {"epoch": epoch})
             stale = 0
         else:
             stale += 1
-        save_checkpoint(stem, model, opt, state)
+        common.save_checkpoint(stem, model, opt, state)
         emit("epoch", {**record, "best_epoch": state["best_epoch"]})
         if stale >= cfg.patience:
             break
@@ -374,7 +367,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             break
 
     if state["best"] is not None:
-        load_checkpoint(best_stem, model, None)
+        common.load_checkpoint(best_stem, model, None)
     model = model.to("cpu").eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     classes = [CardClass(code="cell", name="Nucleated cell (nucleus ∪ cytoplasm)", color=[0, 200, 0])]
     if n_out == 2:

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from wsiflow.aggregate import BlastStat, ClassStat, LineageStat, MERatio, SlideSummary
+from wsiflow.atomic import read_json_object
 from wsiflow.errors import OutputError
 
 __all__ = [
@@ -143,14 +142,7 @@ class SlideRecord:
     def load(cls, path: str | os.PathLike[str]) -> SlideRecord:
         """The record of a ``summary.json`` file; ``output`` is the folder holding it."""
         p = Path(path)
-        try:
-            doc = orjson.loads(p.read_bytes())
-        except OSError as exc:
-            raise OutputError(f"{p}: cannot read ({exc.strerror or exc})") from None
-        except orjson.JSONDecodeError as exc:
-            raise OutputError(f"{p}: not valid JSON ({exc})") from None
-        if not isinstance(doc, Mapping):
-            raise OutputError(f"{p}: expected a JSON object")
+        doc = read_json_object(p)
         if not isinstance(doc.get("summary"), Mapping):
             raise OutputError(f"{p}: 'summary' is not an object")
         try:
