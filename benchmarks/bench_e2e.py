@@ -14,30 +14,27 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from bench_models import measure_layouts
 from common import (
     SlideSpec,
-    add_common_args,
     bench_pipeline,
     emit,
     log,
     machine,
-    pick_spec,
     ratio,
     synth_slide,
 )
 from e2e import run_on_cluster, stage_profile, warm_slide
+from options import bench_parser, pick_spec
 
 QUICK = SlideSpec(4000, 4000, seed=1)
 FULL = SlideSpec(16000, 16000, seed=2, density=2400)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     a = ap.parse_args()
     pipeline_path, minfo = bench_pipeline(a.work, a.models)
     spec = pick_spec(a, QUICK, FULL)

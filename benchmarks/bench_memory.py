@@ -10,7 +10,6 @@ client and for the workers.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import time
@@ -20,7 +19,6 @@ from typing import Any
 from common import (
     RssSampler,
     SlideSpec,
-    add_common_args,
     bench_pipeline,
     emit,
     log,
@@ -29,6 +27,7 @@ from common import (
     synth_slide,
     wsiflow_run_cmd,
 )
+from options import bench_parser
 
 from wsiflow.execution.loopback import process_env
 
@@ -75,8 +74,7 @@ def measure(slide: Path, pipeline_path: Path, out: Path, logdir: Path) -> dict[s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     a = ap.parse_args()
     pipeline_path, minfo = bench_pipeline(a.work, a.models)
     if a.quick:

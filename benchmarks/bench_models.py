@@ -15,7 +15,6 @@ benchmark pipeline's bundles: channels_last fp32, ``inference_mode``). Measured:
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,15 +24,14 @@ from typing import Any
 import numpy as np
 from common import (
     SlideSpec,
-    add_common_args,
     bench_pipeline,
     emit,
     log,
     machine,
-    pick_spec,
     ratio,
     synth_slide,
 )
+from options import bench_parser, pick_spec
 
 
 def load_models(pipeline_path: Path) -> tuple[Any, Any, Any]:
@@ -221,8 +219,7 @@ def measure_options(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     ap.add_argument("--no-options", action="store_true")
     ap.add_argument("--options-only", action="store_true", help="only the CPU options (incl. torch.compile)")
     a = ap.parse_args()

@@ -16,7 +16,6 @@ Both sides run as fresh subprocesses and are timed wall-clock from start to exit
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -29,17 +28,16 @@ import numpy as np
 from common import (
     PY,
     SlideSpec,
-    add_common_args,
     bench_pipeline,
     emit,
     log,
     machine,
-    pick_spec,
     ratio,
     run_cmd,
     synth_slide,
     wsiflow_run_cmd,
 )
+from options import bench_parser, pick_spec
 
 from wsiflow.execution.loopback import process_env
 
@@ -128,8 +126,7 @@ def naive(slide_path: str, pipeline_path: str, out_json: str, batch_size: int | 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     ap.add_argument(
         "--naive", nargs=3, metavar=("SLIDE", "PIPELINE", "OUT_JSON"), help="run only the baseline loop"
     )

@@ -15,7 +15,6 @@ MP/s counts decoded source pixels (JPEG tiles × tile area). One thread, one pro
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -25,15 +24,14 @@ import numpy as np
 from common import (
     CMU1,
     SlideSpec,
-    add_common_args,
     bench_pipeline,
     emit,
     log,
     machine,
-    pick_spec,
     ratio,
     synth_slide,
 )
+from options import bench_parser, pick_spec
 
 
 def _reads(
@@ -173,8 +171,7 @@ def bench_slide(path: Path, pipeline_path: Path, label: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     a = ap.parse_args()
     import imagecodecs
 

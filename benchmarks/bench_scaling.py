@@ -14,21 +14,19 @@ the same cluster (models loaded, first-task costs paid), so the ratios compare s
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 from common import (
     SlideSpec,
-    add_common_args,
     bench_pipeline,
     emit,
     machine,
-    pick_spec,
     ratio,
     synth_slide,
 )
 from e2e import run_on_cluster, warm_slide
+from options import bench_parser, pick_spec
 
 from wsiflow.execution.loopback import loopback_cluster
 
@@ -37,8 +35,7 @@ FULL = SlideSpec(8000, 8000, seed=3)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     a = ap.parse_args()
     pipeline_path, minfo = bench_pipeline(a.work, a.models)
     spec = pick_spec(a, QUICK, FULL)

@@ -12,7 +12,6 @@ before the clock starts). Wall and process-CPU ratios are both reported. N = 100
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import add_common_args, emit, log, machine, ratio
+from common import emit, log, machine, ratio
+from options import bench_parser
 
 
 def make_cells(n: int, n_classes: int = 8, seed: int = 0, cells_per_tile: int = 1000) -> Any:
@@ -209,8 +209,7 @@ def bench_zarr(table: Any, tmp: Path, cells_per_append: int = 4000) -> dict[str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_common_args(ap)
+    ap = bench_parser(__doc__)
     ap.add_argument("--cells", type=int, default=None)
     ap.add_argument("--geopandas-cells", type=int, default=None)
     a = ap.parse_args()

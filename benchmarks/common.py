@@ -23,7 +23,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
 WSIFLOW = str(BIN / "wsiflow")
-DEFAULT_WORK = Path(tempfile.gettempdir()) / "wsiflow-bench"
 SHARED = ROOT.parent / "shared" / "data"
 CMU1 = SHARED / "slides" / "CMU-1-Small-Region.svs"
 
@@ -101,27 +99,6 @@ def machine() -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return info
-
-
-def add_common_args(parser: Any) -> None:
-    parser.add_argument("--quick", action="store_true", help="small inputs (run.py --quick)")
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for generated inputs")
-    parser.add_argument(
-        "--models",
-        choices=("auto", "shipped", "standin"),
-        default="auto",
-        help="shipped bundles (if present) or stand-ins with the same architectures",
-    )
-    parser.add_argument("--size", default=None, help="override the slide size, WIDTHxHEIGHT (debugging)")
-
-
-def pick_spec(args: Any, quick: SlideSpec, full: SlideSpec) -> SlideSpec:
-    """The slide for this run: quick or full, or ``--size`` (same seed and density)."""
-    spec = quick if args.quick else full
-    if args.size:
-        w, _, h = args.size.lower().partition("x")
-        spec = SlideSpec(int(w), int(h or w), spec.seed, spec.density, spec.mpp)
-    return spec
 
 
 @contextlib.contextmanager
@@ -192,6 +169,7 @@ def _standin_segmenter(path: Path) -> None:
     import torch
 
     from wsiflow.models.bundle import save_bundle
+    from wsiflow.models.card import CardClass, CardContent, Normalization
     from wsiflow.models.unet import UNet
 
     torch.manual_seed(0)
@@ -215,53 +193,54 @@ def _standin_segmenter(path: Path) -> None:
         sd["head.weight"][ch, ch, 0, 0] = 255 * 0.25
     sd["head.bias"][:] = -0.5
     m.load_state_dict(sd)
-    card = {
-        "name": "bench-seg-standin",
-        "task": "segmenter",
-        "architecture": "unet",
-        "kwargs": {"in_ch": 3, "out_ch": 2, "depth": 4, "width": 8},
-        "classes": [
-            {"code": "cell", "name": "Nucleated cell", "color": [0, 200, 0]},
-            {"code": "nucleus", "name": "Nucleus", "color": [255, 255, 0]},
+    card = CardContent(
+        name="bench-seg-standin",
+        task="segmenter",
+        architecture="unet",
+        kwargs={"in_ch": 3, "out_ch": 2, "depth": 4, "width": 8},
+        classes=[
+            CardClass(code="cell", name="Nucleated cell", color=[0, 200, 0]),
+            CardClass(code="nucleus", name="Nucleus", color=[255, 255, 0]),
         ],
-        "input_px": None,
-        "mpp": 0.5,
-        "normalization": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-        "training_data": {
+        input_px=None,
+        mpp=0.5,
+        normalization=Normalization(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]),
+        training_data={
             "name": "none",
             "licence": "n/a",
             "description": "hand-set colour threshold (benchmark)",
         },
-        "metrics": {},
-        "demo": True,
-    }
+        metrics={},
+        demo=True,
+    )
     save_bundle(m, card, path)
+
+
+CLASS_KEYS = ("code", "name", "lineage", "dysplastic", "blast", "color")
 
 
 def _standin_classifier(path: Path, taxonomy: list[dict[str, Any]], input_px: int) -> None:
     import torch
 
     from wsiflow.models.bundle import save_bundle
+    from wsiflow.models.card import CardClass, CardContent, Normalization
     from wsiflow.models.inception import build_inception_v3
 
     torch.manual_seed(0)
     m = build_inception_v3(num_classes=len(taxonomy), aux_logits=False, dropout=0.5, init_weights=True)
-    card = {
-        "name": f"bench-cls-standin-{input_px}",
-        "task": "classifier",
-        "architecture": "inception_v3",
-        "kwargs": {"num_classes": len(taxonomy), "aux_logits": False, "dropout": 0.5},
-        "classes": [
-            {k: c.get(k) for k in ("code", "name", "lineage", "dysplastic", "blast", "color")}
-            for c in taxonomy
-        ],
-        "input_px": input_px,
-        "mpp": 0.25,
-        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        "training_data": {"name": "none", "licence": "n/a", "description": "random weights (benchmark)"},
-        "metrics": {},
-        "demo": True,
-    }
+    card = CardContent(
+        name=f"bench-cls-standin-{input_px}",
+        task="classifier",
+        architecture="inception_v3",
+        kwargs={"num_classes": len(taxonomy), "aux_logits": False, "dropout": 0.5},
+        classes=[CardClass.model_validate({k: c.get(k) for k in CLASS_KEYS}) for c in taxonomy],
+        input_px=input_px,
+        mpp=0.25,
+        normalization=Normalization(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+        training_data={"name": "none", "licence": "n/a", "description": "random weights (benchmark)"},
+        metrics={},
+        demo=True,
+    )
     save_bundle(m, card, path)
 
 

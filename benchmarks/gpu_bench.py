@@ -15,18 +15,13 @@ to end in < 30 s. The classifier is measured at 128 px whatever the pipeline's i
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from common import SlideSpec, bench_pipeline, emit, log, machine, synth_slide  # noqa: E402
+from common import ROOT, SlideSpec, bench_pipeline, emit, log, machine, synth_slide
+from options import bench_parser
 
 
 def _sync(device: str) -> None:
@@ -208,12 +203,7 @@ def run_on_cluster_device(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument(
-        "--work", type=Path, default=Path(os.environ.get("OUT", HERE.parent / ".bench")) / "gpu-work"
-    )
-    ap.add_argument("--models", choices=("auto", "shipped", "standin"), default="auto")
+    ap = bench_parser(__doc__, work=Path(os.environ.get("OUT", ROOT / ".bench")) / "gpu-work", size=False)
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
         "--cells", type=int, default=None, help="classifier cells to time (default 20k / 4k quick)"

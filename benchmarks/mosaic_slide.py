@@ -21,9 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
 
 def mirror_index(idx: np.ndarray, n: int) -> np.ndarray:
     """Index into a block of length n of a mirror-tiled axis (0..n-1, n-1..0, 0..)."""

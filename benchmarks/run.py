@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from common import machine
+from options import bench_parser, forward
 
-from common import DEFAULT_WORK, machine  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 BENCHES: dict[str, str] = {
     "B1": "bench_read.py",
@@ -37,11 +37,9 @@ BENCHES: dict[str, str] = {
 
 
 def run_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / BENCHES[key]), "--work", str(args.work), "--models", args.models]
-    if args.quick:
-        cmd.append("--quick")
-        if key == "B2":
-            cmd.append("--no-options")
+    cmd = [sys.executable, str(HERE / BENCHES[key]), *forward(args)]
+    if args.quick and key == "B2":
+        cmd.append("--no-options")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     dt = time.perf_counter() - t0
@@ -245,10 +243,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    ap.add_argument("--models", choices=("auto", "shipped", "standin"), default="auto")
+    ap = bench_parser(__doc__, size=False)
     ap.add_argument("--only", default="", help="comma-separated subset, e.g. B1,B6")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = ap.parse_args()

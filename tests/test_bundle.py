@@ -158,3 +158,51 @@ def test_header_length_starting_with_0x80_is_still_safetensors(tmp_path: Path) -
     weights.write_bytes(b"\x00" * 32)
     with pytest.raises(ModelError, match="not a safetensors file"):
         resolve_bundle(weights)
+
+
+SHIPPED_CARDS = sorted((Path(__file__).resolve().parents[1] / "wsiflow" / "weights").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CARDS, ids=lambda p: p.stem)
+def test_every_shipped_card_validates_and_round_trips(path: Path) -> None:
+    from wsiflow.models.card import ModelCard
+
+    card = ModelCard.load(path)
+    assert json.loads(card.to_json()) == json.loads(path.read_text())
+    assert card.to_json() == path.read_bytes()  # written back, a card keeps its layout too
+    assert card.name == path.stem and card.task in ("classifier", "segmenter") and card.mpp > 0
+
+
+def test_shipped_cards_are_all_there() -> None:
+    names = {p.stem for p in SHIPPED_CARDS}
+    assert {"demo-seg", "marrow-seg", "mds-demo", "pbc8", "smear-seg"} <= names
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sha256": None}, "card lacks sha256"),
+        ({"mpp": None, "task": None}, "card lacks task, mpp"),
+        ({"mpp": "0.25"}, "card field mpp: Input should be a valid number (got '0.25')"),
+        ({"input_px": 80.5}, "card field input_px: Input should be a valid integer"),
+        ({"task": "detector"}, "card field task: Input should be 'classifier' or 'segmenter'"),
+        ({"classes": [{"name": "no code"}]}, "card lacks classes.0.code"),
+        ({"normalization": {"mean": [0.5], "std": [1, 1, 1]}}, "card field normalization.mean: List should"),
+        ({"format": "wsiflow-bundle/0"}, "card field format: Input should be 'wsiflow-bundle/1'"),
+    ],
+)
+def test_a_bad_card_is_one_line_naming_the_file(
+    tmp_path: Path, model: torch.nn.Module, change: dict[str, Any], message: str
+) -> None:
+    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    doc = json.loads(bundle.card_path.read_text())
+    for key, value in change.items():
+        if value is None:
+            del doc[key]
+        else:
+            doc[key] = value
+    bundle.card_path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError) as err:
+        ModelBundle.load(bundle.weights_path)
+    text = str(err.value)
+    assert text.startswith(f"{bundle.card_path}: {message}") and "\n" not in text

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wsiflow.classify import Classifier
-from wsiflow.config import Classifier as ClassifierConfig
+from wsiflow.config import ClassifierSpec
 from wsiflow.errors import ConfigError, ModelError
 from wsiflow.models.bundle import ModelBundle, save_bundle, update_card
 from wsiflow.models.inception import build_inception_v3
@@ -91,7 +91,7 @@ def test_temperature_in_card_is_applied_by_the_pipeline_classifier(tmp_path: Pat
     model.eval()
     bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
     assert bundle.temperature == 1.0
-    cfg = ClassifierConfig(bundle=str(bundle.weights_path), input_px=80)
+    cfg = ClassifierSpec(bundle=str(bundle.weights_path), input_px=80)
     crops = np.random.default_rng(1).integers(0, 255, (6, 80, 80, 3), dtype=np.uint8)
     raw = Classifier(bundle, cfg).predict(crops)
     cal = update_card(bundle, {"calibration": {"temperature": 0.5}})
@@ -154,6 +154,6 @@ def test_min_confidence_sends_uncertain_cells_to_unclassified() -> None:
 def test_min_confidence_is_validated() -> None:
     from pydantic import ValidationError
 
-    ClassifierConfig(bundle="pbc8", input_px=112, min_confidence=0.5)
+    ClassifierSpec(bundle="pbc8", input_px=112, min_confidence=0.5)
     with pytest.raises(ValidationError):
-        ClassifierConfig(bundle="pbc8", input_px=112, min_confidence=1.5)
+        ClassifierSpec(bundle="pbc8", input_px=112, min_confidence=1.5)

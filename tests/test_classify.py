@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsiflow.classify import Classifier
-from wsiflow.config import Classifier as ClassifierConfig
+from wsiflow.config import ClassifierSpec
 from wsiflow.crops import crop_cells
 from wsiflow.errors import ModelError
 from wsiflow.models.bundle import save_bundle
@@ -118,7 +118,7 @@ def test_classifier_predict(tmp_path: Path) -> None:
 
     bundle = save_bundle(build_inception_v3(3), card, tmp_path / "t.safetensors")
     clf = Classifier(
-        ModelBundle.load(bundle.weights_path), ClassifierConfig(bundle="t", input_px=80, batch_size=3)
+        ModelBundle.load(bundle.weights_path), ClassifierSpec(bundle="t", input_px=80, batch_size=3)
     )
     crops = np.random.default_rng(0).integers(0, 255, (7, 80, 80, 3), dtype=np.uint8)
     probs = clf.predict(crops)
@@ -127,7 +127,7 @@ def test_classifier_predict(tmp_path: Path) -> None:
     np.testing.assert_allclose(clf.predict(crops[:2]), probs[:2], atol=1e-5)  # batching does not matter
     assert clf.predict(crops[:0]).shape == (0, 3)
     with pytest.raises(ModelError, match="trained at 80 px"):
-        Classifier(bundle, ClassifierConfig(bundle="t", input_px=96))
+        Classifier(bundle, ClassifierSpec(bundle="t", input_px=96))
 
 
 def test_tta_is_rotation_invariant() -> None:

@@ -117,3 +117,16 @@ def test_a_batch_through_one_unet_call_gives_the_per_tile_cells(jpeg_smear: Path
     )
     assert len(tiles) > 2 and len(batched) > 10
     assert batched.equals(one_by_one)
+
+
+def test_the_client_plans_with_the_reader_the_workers_read_with(jpeg_smear: Path, pipe_k2: Pipeline) -> None:
+    """Both backends open this smear; the identity the plan records must name the reader
+    a worker then reads the pixels with (not OpenSlide, open_slide's own default)."""
+    from wsiflow.pipeline.plan import plan_slide
+
+    assert open_slide(jpeg_smear).backend == "openslide"  # the default alone would plan with OpenSlide
+    plan = plan_slide(str(jpeg_smear), pipe_k2, mpp=CLS_MPP)
+    clear_caches()
+    worker = get_slide(SlideRef(str(jpeg_smear), mpp=CLS_MPP))
+    assert plan.identity["backend"] == worker.backend == "tiffslide"
+    clear_caches()

@@ -67,13 +67,13 @@ def test_a_halo_without_the_context_is_refused() -> None:
 @pytest.mark.slow
 def test_demo_seg_context_is_what_its_card_says() -> None:
     """Re-measure demo-seg on a generated smear: within 8 µm of the stored value."""
-    from wsiflow.config import Segmenter as SegCfg
+    from wsiflow.config import SegmenterSpec
     from wsiflow.segment import Segmenter
     from wsiflow.synth import SynthParams
     from wsiflow.synth.slide import SyntheticSlide
 
     slide = SyntheticSlide.generate(SynthParams(width=480, height=480, mpp=0.5, seed=3, cells_per_mm2=4000))
-    seg = Segmenter("demo-seg", SegCfg(bundle="demo-seg"))
+    seg = Segmenter("demo-seg", SegmenterSpec(bundle="demo-seg"))
     prof = context_profile(seg.probability_maps, slide.region(0, 0, 480, 480), seg.mpp, cuts=(0.5,), align=16)
     stored = seg.bundle.card["context_um"]
     assert abs(prof.context_um - stored) <= 8.0, (prof.context_um, stored)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsiflow.config import Segmenter as SegCfg
+from wsiflow.config import SegmenterSpec
 from wsiflow.segment import instances_from_probs
 from wsiflow.train.seg_eval import _pool, evaluate_bccd, evaluate_masks
 
@@ -16,7 +16,7 @@ from wsiflow.train.seg_eval import _pool, evaluate_bccd, evaluate_masks
 class FakeSeg:
     """Predicts a fixed disc (centre 20,20, r 8) whatever the image."""
 
-    cfg = SegCfg(bundle="x", min_area_um2=1, max_area_um2=1e6)
+    cfg = SegmenterSpec(bundle="x", min_area_um2=1, max_area_um2=1e6)
     mpp = 0.5
 
     def probabilities(self, rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsiflow.config import Segmenter as SegCfg
+from wsiflow.config import SegmenterSpec
 from wsiflow.segment import instances_from_probs
 from wsiflow.train.seg_partial import (
     band_rows,
@@ -64,7 +64,7 @@ def test_score_field_found_one_to_one_merged_band() -> None:
 
 def test_rasterise_matches_instances() -> None:
     prob = _disc((64, 64), 30, 30, 12).astype(np.float32)
-    cfg = SegCfg(bundle="x", min_area_um2=1, max_area_um2=1e6, simplify_um=0)
+    cfg = SegmenterSpec(bundle="x", min_area_um2=1, max_area_um2=1e6, simplify_um=0)
     table, _ = instances_from_probs(prob, None, cfg, (0.0, 0.0), 1.0, 0.5)
     det = rasterise(table.poly_offsets, table.poly_xy, (64, 64))
     inter = ((det == 1) & (prob > 0.5)).sum()
@@ -82,7 +82,7 @@ def test_split_fixed_and_half() -> None:
 class FakeSeg:
     """Finds one disc (centre 40,40, r 10 at the field's px) whatever the image."""
 
-    cfg = SegCfg(bundle="x", min_area_um2=1, max_area_um2=1e6, simplify_um=0)
+    cfg = SegmenterSpec(bundle="x", min_area_um2=1, max_area_um2=1e6, simplify_um=0)
     mpp = 0.5
 
     def segment(self, rgb, origin_xy, scale, mpp):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsiflow.config import Segmenter as SegCfg
+from wsiflow.config import SegmenterSpec
 from wsiflow.models.bundle import save_bundle
 from wsiflow.models.unet import UNet
 from wsiflow.segment import Segmenter, instances_from_probs
@@ -27,7 +27,7 @@ def discs(shape: tuple[int, int], specs: list[tuple[float, float, float]], value
     return out
 
 
-CFG = SegCfg(
+CFG = SegmenterSpec(
     bundle="x", threshold=0.5, min_area_um2=15, max_area_um2=2000, min_distance_um=3, simplify_um=0.25
 )
 

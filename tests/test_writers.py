@@ -632,6 +632,24 @@ def test_slide_record_round_trips_through_summary_json(tmp_path: Path) -> None:
     assert SlideRecord.from_json(doc, output=rec.output) == rec
 
 
+def test_slide_record_loads_its_file_and_names_a_bad_one(tmp_path: Path) -> None:
+    rec = _record(tmp_path)
+    folder = Path(rec.output)
+    folder.mkdir(parents=True)
+    write_summary_json(folder / "summary.json", rec.to_json())
+    assert SlideRecord.load(folder / "summary.json") == rec  # output: the folder it was read from
+    bad = tmp_path / "bad.json"
+    for text, why in (
+        ("[1, 2]", "expected a JSON object"),
+        ('{"summary": 3}', "'summary' is not an object"),
+        ('{"summary": {"pipeline": "mds"}}', "not a wsiflow summary.json"),
+        ("{not json", "invalid JSON"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(OutputError, match=re.escape(f"{bad}: {why}")):
+            SlideRecord.load(bad)
+
+
 def test_slide_record_round_trips_through_summary_csv(tmp_path: Path) -> None:
     rec = _record(tmp_path)
     bad = SlideRecord(name="b.svs", path="/x/b.svs", output="", status="error", error="b.svs: corrupt")

@@ -13,6 +13,9 @@ The file ends with the permissions a plain ``open`` would give it (``0o666 & ~um
 ``mkstemp`` alone makes them 0600). An ``OSError`` becomes one :class:`OutputError`
 naming the target (the errno, e.g. ENOSPC, is kept); on any error the temporary file is
 removed and ``path`` is left as it was.
+
+Its reading counterpart, :func:`read_json_object`, reads a JSON file that must hold an
+object (``summary.json``, a model card, store attributes) with one error line naming it.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import errno
 import functools
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from wsiflow.errors import OutputError
+import orjson
+
+from wsiflow.errors import OutputError, WsiflowError
 
 __all__ = ["atomic_open", "atomic_path", "atomic_write_bytes", "fsync_dir", "output_error"]
 
@@ -41,6 +46,23 @@ def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError:
     err = OutputError(f"{os.fspath(path)}: cannot write ({reason})")
     err.errno = exc.errno
     return err
+
+
+def read_json_object(
+    path: str | os.PathLike[str], error: Callable[[str], WsiflowError] = OutputError
+) -> dict[str, Any]:
+    """The JSON object in the file at ``path``; a file that cannot be read, is not JSON or
+    holds something else is one ``error`` line naming it."""
+    p = os.fspath(path)
+    try:
+        data = orjson.loads(Path(p).read_bytes())
+    except OSError as exc:
+        raise error(f"{p}: cannot read ({exc.strerror or exc})") from None
+    except orjson.JSONDecodeError as exc:
+        raise error(f"{p}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{p}: expected a JSON object")
+    return data
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

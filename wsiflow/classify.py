@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from wsiflow.config import Classifier as ClassifierConfig
-    from wsiflow.config import Pipeline
+    from wsiflow.config import ClassifierSpec, Pipeline
     from wsiflow.models.bundle import ModelBundle
     from wsiflow.slide import Slide
     from wsiflow.types import Box
@@ -106,7 +105,7 @@ def predict_probs(
 class Classifier:
     """A loaded classifier bundle, ready to score crops made by :func:`wsiflow.crops.crop_cells`."""
 
-    def __init__(self, bundle: ModelBundle, cfg: ClassifierConfig, device: str = "cpu") -> None:
+    def __init__(self, bundle: ModelBundle, cfg: ClassifierSpec, device: str = "cpu") -> None:
         import torch
 
         if bundle.task != "classifier":

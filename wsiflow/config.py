@@ -88,7 +88,7 @@ class ModelRef(_Frozen):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
-class Segmenter(ModelRef):
+class SegmenterSpec(ModelRef):
     threshold: float = Field(default=0.5, gt=0, lt=1)
     min_area_um2: float = Field(default=15.0, ge=0)
     max_area_um2: float = Field(default=12000.0, gt=0)
@@ -96,7 +96,7 @@ class Segmenter(ModelRef):
     simplify_um: float = Field(default=0.25, ge=0)
 
     @model_validator(mode="after")
-    def _areas(self) -> Segmenter:
+    def _areas(self) -> SegmenterSpec:
         if self.min_area_um2 >= self.max_area_um2:
             raise ValueError("min_area_um2 must be below max_area_um2")
         return self
@@ -111,7 +111,7 @@ class Crop(_Frozen):
     pad_um: float = Field(default=1.0, ge=0)
 
 
-class Classifier(ModelRef):
+class ClassifierSpec(ModelRef):
     input_px: int = Field(ge=75)
     batch_size: int = Field(default=64, ge=1)
     crop: Crop = Crop()
@@ -203,8 +203,8 @@ class Pipeline(_Frozen):
     resolution: Resolution
     tiling: Tiling
     tissue: Tissue = Tissue()
-    segmenter: Segmenter
-    classifier: Classifier
+    segmenter: SegmenterSpec
+    classifier: ClassifierSpec
     who: Who = Who()
     adequacy: Adequacy = Adequacy()
     counting: Counting = Counting()

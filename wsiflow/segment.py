@@ -33,7 +33,7 @@ from skimage.morphology import disk, remove_small_objects
 from skimage.segmentation import watershed
 
 from wsiflow.cells import CellTable
-from wsiflow.config import Segmenter as SegmenterConfig
+from wsiflow.config import SegmenterSpec
 from wsiflow.errors import ModelError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.tiling import Tile
@@ -53,7 +53,7 @@ class Segmenter:
     def __init__(
         self,
         bundle: ModelBundle | str | os.PathLike[str],
-        cfg: SegmenterConfig,
+        cfg: SegmenterSpec,
         device: str | torch.device = "cpu",
     ) -> None:
         if not isinstance(bundle, ModelBundle):
@@ -170,7 +170,7 @@ def _check_rgb(rgb: NDArray[np.uint8]) -> None:
 def _labels(
     prob: NDArray[np.float32],
     nucleus: NDArray[np.float32] | None,
-    cfg: SegmenterConfig,
+    cfg: SegmenterSpec,
     mpp: float,
 ) -> NDArray[np.int32]:
     fg = ndi.binary_fill_holes(prob > cfg.threshold)
@@ -227,7 +227,7 @@ def _flood(
     return labels
 
 
-def cell_mask(prob: NDArray[np.float32], cfg: SegmenterConfig, mpp: float) -> NDArray[np.bool_]:
+def cell_mask(prob: NDArray[np.float32], cfg: SegmenterSpec, mpp: float) -> NDArray[np.bool_]:
     """Semantic cell mask: threshold, fill holes, drop connected regions outside the size limits."""
     fg = ndi.binary_fill_holes(prob > cfg.threshold)
     lab, n = ndi.label(fg)
@@ -286,7 +286,7 @@ def _simplified(polys: NDArray[np.object_], tolerance: float) -> NDArray[np.obje
 def instances_from_probs(
     prob: NDArray[np.float32],
     nucleus: NDArray[np.float32] | None,
-    cfg: SegmenterConfig,
+    cfg: SegmenterSpec,
     origin_xy: tuple[float, float],
     scale: float,
     mpp: float,

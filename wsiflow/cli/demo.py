@@ -82,7 +82,7 @@ def demo(
     refs, bundles = resolve_models(pipe, "auto")
     reporter = BarReporter(enabled=progress)
     for b in bundles:
-        if b.card.get("demo"):
+        if b.demo:
             reporter.note(f"warning: {b.task} bundle {b.name!r} is a demo model trained on generated cells")
     w, h = parse_size(size)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,10 @@ and model settings) or per thread (slides, keyed by path, mpp and backend: not e
 backend's handle is safe to share between the threads of one Dask worker), then hands
 those to :func:`wsiflow.pipeline.batch.process_batch`.
 
-Slides are opened with TiffSlide first (``prefer="tiffslide"``), OpenSlide for what it
-cannot read: on JPEG tiles TiffSlide decodes ~2.7× faster here (benchmarks B1) and gives
-the same pixels (tests/test_perf_equivalence.py).
+Slides are opened with TiffSlide first (``prefer=RUN_READER``, the preference the client
+plans with, so the slide identity names this reader), OpenSlide for what it cannot read:
+on JPEG tiles TiffSlide decodes ~2.7× faster here (benchmarks B1) and gives the same pixels
+(tests/test_perf_equivalence.py).
 
 :func:`resolve_models` runs on the client: it verifies both bundles (sha256 pins, task,
 taxonomy) before anything is submitted.
@@ -98,8 +99,8 @@ def resolve_models(pipeline: Pipeline, device: str = "auto") -> tuple[ModelRefs,
         raise ModelError(f"segmenter.bundle {seg.name!r} is a {seg.task} bundle, not a segmenter")
     if cls.task != "classifier":
         raise ModelError(f"classifier.bundle {cls.name!r} is a {cls.task} bundle, not a classifier")
-    check_taxonomy(cls.card, pipeline)
-    check_halo(seg.card, pipeline)
+    check_taxonomy(cls.model_card, pipeline)
+    check_halo(seg.model_card, pipeline)
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"--device must be auto, cpu or cuda, not {device!r}")
     refs = ModelRefs(
@@ -156,7 +157,7 @@ def get_models(refs: ModelRefs, pipeline: Pipeline) -> LoadedModels:
 
 def get_slide(ref: SlideRef) -> Slide:
     """An open handle for ``ref``, cached per thread (a few slides, least recently used)."""
-    from wsiflow.slide import open_slide
+    from wsiflow.slide import RUN_READER, open_slide
 
     cache: OrderedDict[SlideRef, Slide] | None = getattr(_local, "slides", None)
     if cache is None:
@@ -166,12 +167,9 @@ def get_slide(ref: SlideRef) -> Slide:
     if slide is not None:
         cache.move_to_end(ref)
         return slide
-    # "auto": TiffSlide first (it decodes JPEG tiles ~2.7× faster than OpenSlide here, B1),
-    # OpenSlide for what TiffSlide cannot read
+    # "auto": RUN_READER (TiffSlide) first, as the client planned; OpenSlide for what it cannot read
     storage = ref.storage.to_dict() if ref.storage else None
-    slide = open_slide(
-        ref.path, backend=ref.backend, mpp=ref.mpp, prefer="tiffslide", storage_options=storage
-    )
+    slide = open_slide(ref.path, backend=ref.backend, mpp=ref.mpp, prefer=RUN_READER, storage_options=storage)
     cache[ref] = slide
     while len(cache) > _SLIDES_PER_THREAD:
         _, old = cache.popitem(last=False)

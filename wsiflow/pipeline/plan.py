@@ -17,7 +17,7 @@ from typing import Any
 from wsiflow.config import Pipeline
 from wsiflow.errors import MppError, SlideError
 from wsiflow.roi import Rois, load_rois, roi_file_for
-from wsiflow.slide import open_slide
+from wsiflow.slide import RUN_READER, open_slide
 from wsiflow.tiling import Tile, TileGrid
 from wsiflow.tissue import select_tiles, slide_tissue_mask
 from wsiflow.types import StorageOptions
@@ -62,7 +62,14 @@ def plan_slide(
         p = Path(path)
         if p.is_dir():
             raise SlideError(path, "is a directory, not a slide file")
-    slide = open_slide(path, backend=backend, mpp=mpp, storage_options=storage.to_dict() if storage else None)
+    # the workers' reader preference: the identity names the reader that reads the pixels
+    slide = open_slide(
+        path,
+        backend=backend,
+        mpp=mpp,
+        prefer=RUN_READER,
+        storage_options=storage.to_dict() if storage else None,
+    )
     try:
         if slide.mpp is None:
             note = f"{slide.mpp_note}; " if getattr(slide, "mpp_note", None) else ""

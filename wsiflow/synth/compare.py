@@ -36,6 +36,7 @@ from scipy.spatial import cKDTree
 from wsiflow.errors import OutputError
 from wsiflow.synth.cells import CLASS_CODES, LINEAGE_OF
 from wsiflow.synth.layout import LINEAGES
+from wsiflow.writers.record import SlideRecord
 
 GATE = 0.5
 DUP_GATE = 1.0
@@ -55,7 +56,7 @@ class Detections:
     x: NDArray[np.float64]
     y: NDArray[np.float64]
     code: tuple[str, ...]  # predicted class code ("" when unclassified)
-    summary: dict[str, Any] | None = None  # the run's summary.json, when found
+    summary: Mapping[str, Any] | None = None  # SlideSummary.to_dict() of the run's summary.json, when found
     source: str = ""
 
 
@@ -305,9 +306,9 @@ def find_slide_dir(out: str | os.PathLike[str], slide_stem: str | None = None) -
 
 def load_detections(slide_dir: str | os.PathLike[str]) -> Detections:
     d = Path(slide_dir)
-    summary = orjson.loads((d / "summary.json").read_bytes()) if (d / "summary.json").is_file() else None
-    if isinstance(summary, dict) and isinstance(summary.get("summary"), dict):
-        summary = summary["summary"]  # the run's file wraps SlideSummary.to_dict() with provenance
+    record = SlideRecord.load(d / "summary.json") if (d / "summary.json").is_file() else None
+    # the run's SlideSummary, as the dictionary compare() reads (a partial one in tests)
+    summary = record.summary.to_dict() if record is not None and record.summary is not None else None
     if (d / "cells.zarr").exists():
         from wsiflow.writers.zarr_store import CellStore
 

@@ -198,24 +198,26 @@ def install_demo_bundle(src: str | os.PathLike[str], name: str, weights_dir: str
     """
     import shutil
 
-    import orjson
+    from wsiflow.models.card import ModelCard
 
     s = Path(src).with_suffix(".safetensors")
-    card = orjson.loads(s.with_suffix(".json").read_bytes())
+    card = ModelCard.load(s.with_suffix(".json"))
     dst_dir = Path(weights_dir)
     dst = dst_dir / f"{name}.safetensors"
     with atomic_path(dst, fsync=False) as tmp:
         shutil.copyfile(s, tmp)
-    card["name"] = name
-    card["demo"] = True
-    notes = str(card.get("notes") or "")
-    card["notes"] = DEMO_NOTE + ("" if DEMO_NOTE in notes else (". " + notes if notes else ""))
-    td = dict(card.get("training_data") or {})
+    notes = card.notes or ""
+    td = dict(card.training_data or {})
     if DEMO_NOTE not in str(td.get("description", "")):
         td["description"] = f"{DEMO_NOTE}. {td.get('description', '')}".strip()
-    card["training_data"] = td
+    changes = {
+        "name": name,
+        "demo": True,
+        "notes": DEMO_NOTE + ("" if DEMO_NOTE in notes else (". " + notes if notes else "")),
+        "training_data": td,
+    }
     js = dst.with_suffix(".json")
-    atomic_write_bytes(js, orjson.dumps(card, option=orjson.OPT_INDENT_2) + b"\n", fsync=False)
+    atomic_write_bytes(js, ModelCard.parse(card.to_dict() | changes, js).to_json(), fsync=False)
     return dst
 
 

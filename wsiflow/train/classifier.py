@@ -26,18 +26,11 @@ from PIL import Image
 from wsiflow.classify import predict_probs
 from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
+from wsiflow.models.card import Calibration, CardClass, CardContent, Normalization
 from wsiflow.models.inception import build_inception_v3, check_input_px
+from wsiflow.train import common
 from wsiflow.train import data as D
 from wsiflow.train.calibration import calibration_summary, fit_temperature, log_probs
-from wsiflow.train.common import (
-    cpu_autocast_dtype,
-    load_checkpoint,
-    lr_at,
-    pick_device,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
-)
 
 DEFAULT_COLORS = (
     (230, 25, 75),
@@ -111,7 +104,7 @@ ProgressFn = Callable[[str, dict[str, Any]], None]
 """Called as ``progress(event, info)``: events "start", "batch", "epoch", "end"."""
 
 
-def _class_entries(classes: tuple[str, ...], meta: tuple[dict[str, Any], ...] | None) -> list[dict[str, Any]]:
+def _class_entries(classes: tuple[str, ...], meta: tuple[dict[str, Any], ...] | None) -> list[CardClass]:
     by_code = {str(m["code"]): m for m in (meta or ())}
     out = []
     for i, code in enumerate(classes):
@@ -127,7 +120,7 @@ def _class_entries(classes: tuple[str, ...], meta: tuple[dict[str, Any], ...] | 
         }
         if "nucleated" in m:
             entry["nucleated"] = bool(m["nucleated"])
-        out.append(entry)
+        out.append(CardClass.model_validate(entry))
     return out
 
 
@@ -271,11 +264,11 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     name = cfg.name or cfg.out.with_suffix("").name
     work = cfg.work_dir or cfg.out.parent / f"{name}.train"
     work.mkdir(parents=True, exist_ok=True)
-    threads = set_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    threads = common.set_threads(cfg.threads)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
     use_bf16 = device.type == "cpu" and (
-        cfg.bf16 if cfg.bf16 is not None else cpu_autocast_dtype() is not None
+        cfg.bf16 if cfg.bf16 is not None else common.cpu_autocast_dtype() is not None
     )
 
     samples = D.discover(cfg.data, [str(m["code"]) for m in cfg.classes_meta] if cfg.classes_meta else None)
@@ -359,7 +352,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         "stopped": None,
     }
     if cfg.resume:
-        loaded = load_checkpoint(last, model, opt)
+        loaded = common.load_checkpoint(last, model, opt)
         if loaded is not None:
             if loaded.get("split_test_sha256") != D.split_digest([rel[i] for i in te]):
                 raise ConfigError(
@@ -392,7 +385,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         run_loss, seen = 0.0, 0
         for b in range(steps_per_epoch):
             idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-            lr = lr_at(int(state["step"]), total_steps, cfg.lr, cfg.schedule)
+            lr = common.lr_at(int(state["step"]), total_steps, cfg.lr, cfg.schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
             x = D.normalize(D.augment(D.to_float(images[idx], device), gen), mean, std)
@@ -428,16 +421,16 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
         state["epoch"] = epoch
         if v_loss < state["best_val_loss"]:
             state["best_val_loss"], state["best_epoch"] = v_loss, epoch
-            save_checkpoint(best, model, None, {"epoch": epoch, "val_loss": v_loss})
+            common.save_checkpoint(best, model, None, {"epoch": epoch, "val_loss": v_loss})
         if epoch - int(state["best_epoch"]) >= cfg.patience:
             state["stopped"] = f"early stopping: no better validation loss for {cfg.patience} epochs"
         elif time.monotonic() - t_start > wall_budget and epoch < cfg.epochs:
             state["stopped"] = f"wall-clock budget of {cfg.max_minutes} min reached"
         state["split_test_sha256"] = D.split_digest([rel[i] for i in te])
-        save_checkpoint(last, model, opt, state)
+        common.save_checkpoint(last, model, opt, state)
         emit("epoch", {**asdict(rec), "best_epoch": state["best_epoch"]})
 
-    if load_checkpoint(best, model) is None:
+    if common.load_checkpoint(best, model) is None:
         raise ConfigError(str(work), "", "no finished epoch to ship")
     bn_note: dict[str, Any] = {"applied": False}
     if cfg.bn_recalibrate:
@@ -480,29 +473,30 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
     harvest_note, crop = _harvest_record(cfg.data)
     if cropper is not None:  # crops at the pipeline's cls_mpp, bbox (+ pad) resized to input_px
         input_mpp = cropper.pipeline.resolution.cls_mpp
-    card: dict[str, Any] = {
-        "name": name,
-        "task": "classifier",
-        "architecture": "inception_v3",
-        "kwargs": {"num_classes": k, "aux_logits": False, "dropout": cfg.dropout},
-        "classes": _class_entries(samples.classes, cfg.classes_meta),
-        "input_px": cfg.input_px,
-        "mpp": round(input_mpp, 4),
-        "source_mpp": cfg.mpp,
-        "preprocessing": (cropper.describe() + "; RGB/255 then (x - mean) / std")
+    crop_entry: dict[str, Any] = {"crop": crop} if crop else {}  # only a harvest has a crop rule
+    card = CardContent(
+        name=name,
+        task="classifier",
+        architecture="inception_v3",
+        kwargs={"num_classes": k, "aux_logits": False, "dropout": cfg.dropout},
+        classes=_class_entries(samples.classes, cfg.classes_meta),
+        input_px=cfg.input_px,
+        mpp=round(input_mpp, 4),
+        source_mpp=cfg.mpp,
+        preprocessing=(cropper.describe() + "; RGB/255 then (x - mean) / std")
         if cropper is not None
         else (
             f"whole {src_w}x{src_h} image centred on a black {max(src_w, src_h)}-px square (not stretched), "
             f"resized (bilinear, antialiased) to {cfg.input_px}x{cfg.input_px}; "
             "RGB/255 then (x - mean) / std"
         ),
-        "normalization": {"mean": [round(v, 5) for v in mean], "std": [round(v, 5) for v in std]},
-        "training_data": {"name": data_name, **cfg.training_data, **harvest_note},
-        "metrics": metrics,
-        "calibration": calibration,
-        **({"crop": crop} if crop else {}),
-        "split_seed": cfg.seed,
-        "split": {
+        normalization=Normalization(mean=[round(v, 5) for v in mean], std=[round(v, 5) for v in std]),
+        training_data={"name": data_name, **cfg.training_data, **harvest_note},
+        metrics=metrics,
+        calibration=Calibration.model_validate(calibration),
+        **crop_entry,
+        split_seed=cfg.seed,
+        split={
             "method": "stratified-group" if samples.groups is not None else "stratified",
             "fractions": [0.8, 0.1, 0.1],
             "counts": {"train": len(tr), "val": len(va), "test": len(te)},
@@ -516,7 +510,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "val_digests": sorted({digests[i] for i in va}),
             "test_digests": sorted({digests[i] for i in te}),
         },
-        "training": {
+        training={
             "optimizer": "AdamW" if cfg.weight_decay > 0 else "Adam",
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
@@ -541,8 +535,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: ProgressFn | None = N
             "initialised_from": init_note,
             "notes": cfg.notes,
         },
-        "demo": False,
-    }
+        demo=False,
+    )
     bundle = save_bundle(model, card, cfg.out, fp16=cfg.fp16_storage)
     emit("end", {"bundle": str(bundle.weights_path), "metrics": metrics})
     return bundle

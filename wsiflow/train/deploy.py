@@ -37,7 +37,7 @@ def derive_pipeline(base: str | Path, classifier: str | Path, out: Path, name: s
     bundle = ModelBundle.load(classifier)
     if bundle.task != "classifier":
         raise ConfigError(str(classifier), "--classifier", f"not a classifier bundle (task {bundle.task!r})")
-    check_taxonomy(bundle.card, pipe)
+    check_taxonomy(bundle.model_card, pipe)
     if bundle.input_px is None:
         raise ConfigError(str(bundle.card_path), "input_px", "a classifier card needs input_px")
     data: dict[str, Any] = pipe.model_dump(mode="json")
@@ -81,7 +81,7 @@ def resolved_models(pipeline: Pipeline) -> list[dict[str, Any]]:
                 "path": str(b.weights_path),
                 "sha256": b.sha256,
                 "pinned": ref.sha256 is not None,
-                "demo": bool(b.card.get("demo", False)),
+                "demo": b.demo,
                 "trained_on": b.card.get("training_data", {}).get("name"),
                 "temperature": b.temperature if b.task == "classifier" else None,
             }

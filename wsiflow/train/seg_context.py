@@ -92,7 +92,7 @@ def context_profile(
 def main(argv: Sequence[str] | None = None) -> int:
     from PIL import Image
 
-    from wsiflow.config import Segmenter as SegCfg
+    from wsiflow.config import SegmenterSpec
     from wsiflow.segment import Segmenter
 
     ap = argparse.ArgumentParser(prog="python -m wsiflow.train.seg_context", description=__doc__)
@@ -101,14 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mpp", type=float, default=None, help="µm/px of IMAGE (default: the bundle's)")
     ap.add_argument("--tol", type=float, default=DEFAULT_TOL)
     a = ap.parse_args(argv)
-    seg = Segmenter(a.bundle, SegCfg(bundle=a.bundle))
+    seg = Segmenter(a.bundle, SegmenterSpec(bundle=a.bundle))
     rgb = np.asarray(Image.open(a.image).convert("RGB"))
     if a.mpp is not None and abs(a.mpp / seg.mpp - 1) > 0.01:
         f = a.mpp / seg.mpp
         size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
         resample = Image.Resampling.BOX if f < 1 else Image.Resampling.BILINEAR
         rgb = np.asarray(Image.fromarray(rgb).resize(size, resample))
-    align = 2 ** int(seg.bundle.card.get("kwargs", {}).get("depth", 0))
+    align = 2 ** int(seg.bundle.model_card.kwargs.get("depth", 0))
     prof = context_profile(seg.probability_maps, rgb, seg.mpp, tol=a.tol, align=align)
     marks = [0, 8, 16, 32, 48, 64, 96, 128]
     out = {

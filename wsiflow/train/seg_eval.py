@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from wsiflow.atomic import atomic_write_bytes
-from wsiflow.config import Segmenter as SegmenterConfig
+from wsiflow.config import SegmenterSpec
 from wsiflow.errors import WsiflowError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.segment import Segmenter, cell_mask
@@ -149,7 +149,7 @@ def evaluate_segmenter(
     data: Path,
     out_dir: Path,
     mpp: float | dict[str, float] | None = None,
-    cfg: SegmenterConfig | None = None,
+    cfg: SegmenterSpec | None = None,
     split: str = "test",
     device: str = "cpu",
     partial: bool = False,
@@ -161,7 +161,7 @@ def evaluate_segmenter(
     images (one value, or per data-set folder name); default: the bundle's µm/px.
     """
     b = bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
-    seg = Segmenter(b, cfg or SegmenterConfig(bundle=str(b.weights_path)), device)
+    seg = Segmenter(b, cfg or SegmenterSpec(bundle=str(b.weights_path)), device)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bundle": b.name, "sha256": b.sha256, "data": str(data)}
     md = [f"# Segmenter `{b.name}` on `{data}`", ""]

@@ -28,15 +28,9 @@ from numpy.typing import NDArray
 
 from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle, save_bundle
+from wsiflow.models.card import CardClass, CardContent, Normalization
 from wsiflow.models.unet import UNet
-from wsiflow.train.common import (
-    load_checkpoint,
-    lr_at,
-    pick_device,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
-)
+from wsiflow.train import common
 from wsiflow.train.seg_data import SegPair, find_pairs, load_pair, resample_pair
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -224,9 +218,9 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     emit: ProgressFn = progress or (lambda _e, _i: None)
     if cfg.crop < 16:
         raise ConfigError("train segmenter", "--crop", "must be at least 16 px")
-    threads = set_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    threads = common.set_threads(cfg.threads)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
     samples = _load(cfg)
     n_out = 2 if (cfg.nucleus if cfg.nucleus is not None else any(s.has_nucleus for s in samples)) else 1
     work_dir = cfg.work_dir or cfg.out.with_name(cfg.out.name + ".train")
@@ -263,7 +257,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     model = UNet(in_ch=3, out_ch=n_out, depth=cfg.depth, width=cfg.width)
     if init is not None:
         want = {"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width}
-        if init.task != "segmenter" or {k: init.card["kwargs"].get(k) for k in want} != want:
+        if init.task != "segmenter" or {k: init.model_card.kwargs.get(k) for k in want} != want:
             raise ConfigError(
                 str(init.weights_path), "init_from", f"{init.name} is not a U-Net segmenter like {want}"
             )
@@ -280,7 +274,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
     stem = work_dir / "last"
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "train_s": 0.0}
     if cfg.resume:
-        got = load_checkpoint(stem, model, opt)
+        got = common.load_checkpoint(stem, model, opt)
         if got:
             state.update(got)
             emit("resume", {"epoch": state["epoch"]})
@@ -320,7 +314,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
                     break
                 frac = max(frac, elapsed / budget_s)
             for g in opt.param_groups:
-                g["lr"] = lr_at(round(frac * (total_steps - 1)), total_steps, cfg.lr, cfg.schedule)
+                g["lr"] = common.lr_at(round(frac * (total_steps - 1)), total_steps, cfg.lr, cfg.schedule)
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             crops = [_crop(train_s[i], cfg.crop, rng) for i in idx]
             x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float().div(255)
@@ -360,11 +354,11 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
         state["train_s"] = float(state["train_s"]) + train_s_time
         if state["best"] is None or metrics["val_dice"] > state["best"]["val_dice"]:
             state["best"], state["best_epoch"] = dict(record), epoch
-            save_checkpoint(best_stem, model, None, {"epoch": epoch})
+            common.save_checkpoint(best_stem, model, None, {"epoch": epoch})
             stale = 0
         else:
             stale += 1
-        save_checkpoint(stem, model, opt, state)
+        common.save_checkpoint(stem, model, opt, state)
         emit("epoch", {**record, "best_epoch": state["best_epoch"]})
         if stale >= cfg.patience:
             break
@@ -373,26 +367,27 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             break
 
     if state["best"] is not None:
-        load_checkpoint(best_stem, model, None)
+        common.load_checkpoint(best_stem, model, None)
     model = model.to("cpu").eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    classes = [{"code": "cell", "name": "Nucleated cell (nucleus ∪ cytoplasm)", "color": [0, 200, 0]}]
+    classes = [CardClass(code="cell", name="Nucleated cell (nucleus ∪ cytoplasm)", color=[0, 200, 0])]
     if n_out == 2:
-        classes.append({"code": "nucleus", "name": "Nucleus", "color": [255, 255, 0]})
+        classes.append(CardClass(code="nucleus", name="Nucleus", color=[255, 255, 0]))
     history = state["history"]
     ep_s = [h["epoch_s"] for h in history] or [0.0]
-    card: dict[str, Any] = {
-        "name": cfg.name or cfg.out.stem,
-        "task": "segmenter",
-        "architecture": "unet",
-        "kwargs": {"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width},
-        "classes": classes,
-        "input_px": None,
-        "mpp": float(cfg.target_mpp or cfg.mpp),
-        "normalization": {"mean": [float(v) for v in mean_np], "std": [float(v) for v in std_np]},
-        "training_data": {"n_images": len(samples), **cfg.training_data},
-        "metrics": {
+    validation = {k: v for k, v in (state["best"] or {}).items() if k.startswith("val_")}
+    card = CardContent(
+        name=cfg.name or cfg.out.stem,
+        task="segmenter",
+        architecture="unet",
+        kwargs={"in_ch": 3, "out_ch": n_out, "depth": cfg.depth, "width": cfg.width},
+        classes=classes,
+        input_px=None,
+        mpp=float(cfg.target_mpp or cfg.mpp),
+        normalization=Normalization(mean=[float(v) for v in mean_np], std=[float(v) for v in std_np]),
+        training_data={"n_images": len(samples), **cfg.training_data},
+        metrics={
             "best_epoch": state["best_epoch"],
-            "validation": {k: v for k, v in (state["best"] or {}).items() if k.startswith("val_")},
+            "validation": validation,
             "epochs_run": len(history),
             "train_seconds": round(float(state["train_s"]), 1),
             "seconds_per_epoch": round(float(np.median(ep_s)), 1),
@@ -400,9 +395,9 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             "device": str(device),
             "threads": threads,
         },
-        "split_seed": cfg.seed,
-        "split": {"val_fraction": cfg.val_fraction, "n_train": len(train_s), "n_val": len(val_s)},
-        "training": {
+        split_seed=cfg.seed,
+        split={"val_fraction": cfg.val_fraction, "n_train": len(train_s), "n_val": len(val_s)},
+        training={
             "loss": "BCE + soft Dice per channel (nucleus channel only on images with nucleus masks)",
             "optimizer": "AdamW" if cfg.weight_decay > 0 else "Adam",
             "lr": cfg.lr,
@@ -426,10 +421,10 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
                 else {}
             ),
         },
-        "demo": False,
-        "notes": cfg.notes,
+        demo=False,
+        notes=cfg.notes,
         **cfg.extra_card,
-    }
+    )
     bundle = save_bundle(model, card, cfg.out, fp16=cfg.fp16_storage)
-    emit("end", {"bundle": str(bundle.weights_path), "metrics": card["metrics"]["validation"]})
+    emit("end", {"bundle": str(bundle.weights_path), "metrics": validation})
     return bundle

@@ -7,6 +7,8 @@ same code:
 
 * ``SlideRecord.to_json()`` is the ``summary.json`` document and
   ``SlideRecord.from_json()`` reads one back (``from_json(r.to_json()) == r``);
+  ``SlideRecord.load(path)`` reads the file (a file that is not such a document is one
+  :class:`~wsiflow.errors.OutputError` naming it);
 * ``SlideRecord.to_row()`` is the flat ``summary.csv`` row: the column scheme lives here
   (base columns first, then :meth:`SlideSummary.to_row`); :class:`SummaryRow` reads such a
   row back from the file, typed.
@@ -15,11 +17,15 @@ same code:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from wsiflow.aggregate import BlastStat, ClassStat, LineageStat, MERatio, SlideSummary
+from wsiflow.atomic import read_json_object
+from wsiflow.errors import OutputError
 
 __all__ = [
     "SUMMARY_BASE_COLUMNS",
@@ -131,6 +137,18 @@ class SlideRecord:
             wsiflow_version=doc.get("wsiflow_version"),
             rois=tuple(dict(r) for r in doc.get("rois") or () if isinstance(r, Mapping)),
         )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SlideRecord:
+        """The record of a ``summary.json`` file; ``output`` is the folder holding it."""
+        p = Path(path)
+        doc = read_json_object(p)
+        if not isinstance(doc.get("summary"), Mapping):
+            raise OutputError(f"{p}: 'summary' is not an object")
+        try:
+            return cls.from_json(doc, output=str(p.parent))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise OutputError(f"{p}: not a wsiflow summary.json ({exc})") from None
 
     # ------------------------------------------------------------------ summary.csv
     def to_row(self) -> dict[str, Any]:

@@ -35,12 +35,13 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from wsiflow._version import __version__
-from wsiflow.aggregate import band_labels, summarize
+from wsiflow.aggregate import SlideSummary, band_labels, summarize
 from wsiflow.atomic import atomic_write_bytes
 from wsiflow.config import DENOMINATOR_RULES, ClassDef, Pipeline, load_pipeline, parse_pipeline
 from wsiflow.crops import crop_cells
 from wsiflow.errors import OutputError, WsiflowError
 from wsiflow.writers import figures
+from wsiflow.writers.record import SlideRecord, TileCounts
 from wsiflow.writers.report_cells import (
     GALLERY_PER_KIND,
     CellColumns,
@@ -57,7 +58,6 @@ from wsiflow.writers.report_html import (
     now,
     num,
     pct,
-    read_json,
     render,
 )
 from wsiflow.writers.zarr_store import CellStore
@@ -109,13 +109,24 @@ def gallery_cell_ids(slide_dir: str | os.PathLike[str], per_kind: int = GALLERY_
 @dataclass
 class _SlideData:
     slide_dir: Path
-    doc: dict[str, Any]
-    summary: dict[str, Any]
+    record: SlideRecord  # summary.json, or what the store committed (record.summary is set)
+    summary: SlideSummary
     pipeline: Pipeline | None
     attrs: dict[str, Any]
     partial: bool
     cells: CellColumns | None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The slide identity: the record's, else the store's."""
+        ident = self.record.identity or self.attrs.get("slide")
+        return dict(ident) if isinstance(ident, Mapping) else {}
+
+    @property
+    def models(self) -> Mapping[str, Any]:
+        models = self.record.models or self.attrs.get("models")
+        return models if isinstance(models, Mapping) else {}
 
 
 def _load_slide(slide_dir: Path) -> _SlideData:
@@ -136,35 +147,49 @@ def _load_slide(slide_dir: Path) -> _SlideData:
                 notes.append(f"the pipeline stored with the cells could not be read ({exc})")
     partial = False
     if has_json:
-        doc = read_json(sj)
-        summary = doc.get("summary") or {}
-        if not isinstance(summary, dict):
-            raise OutputError(f"{sj}: 'summary' is not an object")
+        record = SlideRecord.load(sj)
     else:  # a run that did not finish: summarise what was committed
         if pipeline is None or cells is None:
             raise OutputError(f"{slide_dir}: no {SUMMARY_NAME} and no usable pipeline in {CELLS_NAME}")
-        failed = np.asarray(CellStore.open(zp).failed, bool)
-        selected = attrs.get("tiles_selected") or []
-        summary = summarize(
-            cells.class_id, pipeline, failed_tiles=int(failed.sum()), tiles_total=len(selected)
-        ).to_dict()
-        doc = {
-            "slide": attrs.get("slide", {}),
-            "pipeline": pipeline.name,
-            "models": attrs.get("models", {}),
-            "wsiflow_version": attrs.get("wsiflow_version"),
-            "summary": summary,
-            "tiles": {"selected": len(selected), "failed": np.flatnonzero(failed).tolist()},
-        }
+        record = _record_from_store(zp, attrs, pipeline, cells)
         partial = not CellStore.is_complete(zp)
         if partial:
             notes.append("the run did not finish: these are the cells committed so far (partial result)")
-    if pipeline is None and isinstance(doc.get("pipeline"), str):
+    if pipeline is None and record.pipeline:
         with contextlib.suppress(WsiflowError):
-            pipeline = load_pipeline(doc["pipeline"])
+            pipeline = load_pipeline(record.pipeline)
     if not has_zarr:
         notes.append(f"no {CELLS_NAME} in this folder: cell overlays and galleries are omitted")
-    return _SlideData(slide_dir, doc, summary, pipeline, attrs, partial, cells, notes)
+    assert record.summary is not None  # SlideRecord.load refuses a file without one
+    return _SlideData(slide_dir, record, record.summary, pipeline, attrs, partial, cells, notes)
+
+
+def _record_from_store(
+    zp: Path, attrs: Mapping[str, Any], pipeline: Pipeline, cells: CellColumns
+) -> SlideRecord:
+    """The record of a run without ``summary.json``, from the cells its store committed."""
+    failed = np.asarray(CellStore.open(zp).failed, bool)
+    selected = attrs.get("tiles_selected") or []
+    summary = summarize(cells.class_id, pipeline, failed_tiles=int(failed.sum()), tiles_total=len(selected))
+    ident = attrs.get("slide")
+    ident = dict(ident) if isinstance(ident, Mapping) else {}
+    models = attrs.get("models")
+    version = attrs.get("wsiflow_version")
+    return SlideRecord(
+        name=str(ident.get("name") or ""),
+        path=str(ident.get("path") or ""),
+        output=str(zp.parent),
+        status=summary.status,
+        error=summary.error,
+        identity=ident,
+        pipeline=pipeline.name,
+        models={str(k): dict(v) for k, v in models.items() if isinstance(v, Mapping)}
+        if isinstance(models, Mapping)
+        else {},
+        tiles=TileCounts(len(failed), len(selected), tuple(int(i) for i in np.flatnonzero(failed))),
+        summary=summary,
+        wsiflow_version=str(version) if version is not None else None,
+    )
 
 
 def _taxonomy(data: _SlideData) -> list[ClassDef]:
@@ -174,16 +199,10 @@ def _taxonomy(data: _SlideData) -> list[ClassDef]:
     if isinstance(tax, list):
         with contextlib.suppress(Exception):
             return [ClassDef.model_validate(t) for t in tax]
-    out = []
-    for i, c in enumerate(data.summary.get("classes") or []):
-        out.append(
-            ClassDef(
-                code=str(c["code"]),
-                name=str(c.get("name", c["code"])),
-                color=_FALLBACK_COLORS[i % len(_FALLBACK_COLORS)],
-            )
-        )
-    return out
+    return [
+        ClassDef(code=c.code, name=c.name or c.code, color=_FALLBACK_COLORS[i % len(_FALLBACK_COLORS)])
+        for i, c in enumerate(data.summary.classes)
+    ]
 
 
 # =========================================================================== slide pixels
@@ -198,7 +217,7 @@ def _open_slide(
     """(slide or None, note). Looks in ``search`` folders for a slide moved since the run."""
     from wsiflow.slide import open_slide
 
-    ident = data.doc.get("slide") or data.attrs.get("slide") or {}
+    ident = data.identity
     recorded = str(slide_path or ident.get("path") or "")
     if not recorded:
         return None, "the slide's path is not recorded: thumbnail and cell galleries are omitted"
@@ -353,8 +372,9 @@ def write_slide_report(
     palette = _palette(taxonomy)
     colors = {c.code: c.color for c in taxonomy}
     summary = data.summary
-    ident: dict[str, Any] = dict(data.doc.get("slide") or data.attrs.get("slide") or {})
-    mode = str(summary.get("mode") or (data.pipeline.mode if data.pipeline else "dysplasia"))
+    summary_doc = summary.to_dict()  # what the template and the figures read
+    ident = data.identity
+    mode = summary.mode or (data.pipeline.mode if data.pipeline else "dysplasia")
     notes = list(data.notes)
     cams = _store_explain_images(sdir, explain_images)
 
@@ -380,10 +400,10 @@ def write_slide_report(
         if slide is not None:
             slide.close()
 
-    counts = summary.get("counts") or {}
-    n_cells = int(summary.get("n_cells") or 0)
+    counts = summary.counts
+    n_cells = summary.n_cells
     # the differential's percentages as summarised (denominator rule applied), else of all cells
-    stat_frac = {str(c.get("code")): c.get("fraction") for c in summary.get("classes") or []}
+    stat_frac = {c.code: c.fraction for c in summary.classes}
     class_rows = []
     for c in taxonomy:
         n = int(counts.get(c.code, 0))
@@ -403,28 +423,26 @@ def write_slide_report(
         )
 
     charts: dict[str, str] = {}
-    conf = float(summary.get("confidence") or 0.95)
-    lineages = list(summary.get("lineages") or [])
+    conf = summary.confidence or 0.95
+    lineages = summary_doc["lineages"]
     if mode == "dysplasia" and lineages:
         charts["lineages"] = figures.data_uri(
-            figures.lineage_figure(lineages, float(summary.get("dysplasia_threshold") or 0.1), conf)
+            figures.lineage_figure(lineages, summary.dysplasia_threshold or 0.1, conf)
         )
-    if mode == "differential" and summary.get("classes"):
+    if mode == "differential" and summary.classes:
         charts["differential"] = figures.data_uri(
-            figures.differential_figure(list(summary["classes"]), colors, conf)
+            figures.differential_figure(summary_doc["classes"], colors, conf)
         )
-    blast = summary.get("blast")
+    blast = summary.blast
     bands: tuple[float, ...] = tuple(data.pipeline.who.blast_bands) if data.pipeline else (0.05, 0.10, 0.20)
-    if isinstance(blast, dict):
+    if blast is not None:
         charts["blast"] = figures.data_uri(
-            figures.blast_figure(
-                blast.get("fraction"), blast.get("ci_low"), blast.get("ci_high"), bands, band_labels(bands)
-            )
+            figures.blast_figure(blast.fraction, blast.ci_low, blast.ci_high, bands, band_labels(bands))
         )
 
     models = []
-    for task, m in (data.doc.get("models") or data.attrs.get("models") or {}).items():
-        if isinstance(m, dict):
+    for task, m in data.models.items():
+        if isinstance(m, Mapping):
             models.append(
                 {
                     "task": task,
@@ -434,7 +452,7 @@ def write_slide_report(
                 }
             )
     demo = any(m["demo"] for m in models)
-    warnings = [str(n) for n in summary.get("notes") or []]
+    warnings = list(summary.notes)
     if demo:
         warnings.insert(
             0,
@@ -444,14 +462,14 @@ def write_slide_report(
     ctx = {
         "title": ident.get("name") or sdir.name,
         "slide_dir": sdir.name,
-        "status": summary.get("status") or "unknown",
-        "error": summary.get("error"),
+        "status": summary.status or "unknown",
+        "error": summary.error,
         "partial": data.partial,
         "mode": mode,
-        "summary": summary,
-        "rois": [r for r in data.doc.get("rois") or [] if isinstance(r, dict)],
+        "summary": summary_doc,
+        "rois": [dict(r) for r in data.record.rois],
         "lineages": lineages,
-        "blast": blast if isinstance(blast, dict) else None,
+        "blast": summary_doc["blast"],
         "classes": class_rows,
         "charts": charts,
         "images": images,
@@ -461,14 +479,14 @@ def write_slide_report(
         "notes": notes,
         "models": models,
         "demo": demo,
-        "metadata": _metadata_rows(ident, data.doc),
-        "pipeline": _pipeline_rows(data.pipeline, data.doc),
+        "metadata": _metadata_rows(ident, data.record),
+        "pipeline": _pipeline_rows(data.pipeline, data.record),
         "pipeline_json": orjson.dumps(
-            data.attrs.get("pipeline") or data.doc.get("pipeline"), option=orjson.OPT_INDENT_2
+            data.attrs.get("pipeline") or data.record.pipeline, option=orjson.OPT_INDENT_2
         ).decode(),
         "legend": [{"code": c.code, "name": c.name, "color": hex_color(c.color)} for c in taxonomy],
         "version": __version__,
-        "run_version": data.doc.get("wsiflow_version") or data.attrs.get("wsiflow_version"),
+        "run_version": data.record.wsiflow_version or data.attrs.get("wsiflow_version"),
         "generated": now(),
         "cohort_link": (sdir.parent / REPORT_NAME).is_file() or (sdir.parent / "summary.csv").is_file(),
     }
@@ -559,7 +577,7 @@ def _gallery_context(
     return out
 
 
-def _metadata_rows(ident: Mapping[str, Any], doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _metadata_rows(ident: Mapping[str, Any], record: SlideRecord) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     dims = ident.get("dimensions")
     mpp = ident.get("mpp")
@@ -581,24 +599,17 @@ def _metadata_rows(ident: Mapping[str, Any], doc: Mapping[str, Any]) -> list[tup
             rows.append((label, str(ident[key])))
     if ident.get("size_bytes"):
         rows.append(("File size", f"{int(ident['size_bytes']) / 1e6:.1f} MB"))
-    tf = doc.get("tissue_fraction")
-    if tf is not None:
-        rows.append(("Tissue (of tile grid)", pct(tf)))
-    tiles = doc.get("tiles") or {}
-    if tiles:
-        failed = tiles.get("failed") or []
-        rows.append(
-            (
-                "Tiles",
-                f"{tiles.get('selected', '–')} analysed of {tiles.get('grid', '–')} ({len(failed)} failed)",
-            )
-        )
+    if record.tissue_fraction is not None:
+        rows.append(("Tissue (of tile grid)", pct(record.tissue_fraction)))
+    tiles = record.tiles
+    if tiles is not None:
+        rows.append(("Tiles", f"{tiles.selected} analysed of {tiles.grid} ({len(tiles.failed)} failed)"))
     return rows
 
 
-def _pipeline_rows(p: Pipeline | None, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _pipeline_rows(p: Pipeline | None, record: SlideRecord) -> list[tuple[str, str]]:
     if p is None:
-        return [("Pipeline", str(doc.get("pipeline", "–")))]
+        return [("Pipeline", record.pipeline or "–")]
     rule = p.counting.denominator
     return [
         ("Pipeline", f"{p.name} ({p.mode})"),

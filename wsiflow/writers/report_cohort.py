@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 from wsiflow._version import __version__
-from wsiflow.atomic import atomic_write_bytes
+from wsiflow.atomic import atomic_write_bytes, read_json_object
 from wsiflow.errors import OutputError
 from wsiflow.writers.record import SlideRecord, SummaryRow
-from wsiflow.writers.report_html import CELLS_NAME, REPORT_NAME, SUMMARY_NAME, now, read_json, render
+from wsiflow.writers.report_html import CELLS_NAME, REPORT_NAME, SUMMARY_NAME, now, render
 from wsiflow.writers.summary import csv_cell, read_summary_csv
 from wsiflow.writers.zarr_store import FORMAT
 
@@ -32,7 +32,7 @@ def find_slide_dirs(out_dir: str | os.PathLike[str]) -> list[Path]:
 
 def _is_store(path: Path) -> bool:
     try:
-        return bool(read_json(path / "zarr.json").get("attributes", {}).get("format") == FORMAT)
+        return bool(read_json_object(path / "zarr.json").get("attributes", {}).get("format") == FORMAT)
     except OutputError:
         return False
 
@@ -46,7 +46,7 @@ def write_cohort_report(out_dir: str | os.PathLike[str]) -> Path:
     if not raw:  # no CSV: one row per slide folder, from its summary.json (the same columns)
         for d in find_slide_dirs(root):
             if (d / SUMMARY_NAME).is_file():
-                record = SlideRecord.from_json(read_json(d / SUMMARY_NAME), output=str(d))
+                record = SlideRecord.from_json(read_json_object(d / SUMMARY_NAME), output=str(d))
                 row = record.to_row()
                 row["slide"] = row["slide"] or d.name
                 raw.append({k: csv_cell(v) for k, v in row.items()})

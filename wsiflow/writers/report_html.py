@@ -5,12 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 from typing import Any
-
-import orjson
-
-from wsiflow.errors import OutputError
 
 __all__ = [
     "CELLS_NAME",
@@ -20,7 +15,6 @@ __all__ = [
     "now",
     "num",
     "pct",
-    "read_json",
     "render",
 ]
 
@@ -82,14 +76,3 @@ def now() -> str:
 def hex_color(rgb: Sequence[int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb[:3]))
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = orjson.loads(path.read_bytes())
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except orjson.JSONDecodeError as exc:
-        raise OutputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise OutputError(f"{path}: expected a JSON object")
-    return data
