@@ -101,7 +101,7 @@ def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
     full, edge = instances_from_probs(prob, None, CFG, origin, scale, MPP)
     core = (origin[0] + 20 * scale, origin[1], origin[0] + 100 * scale, origin[1] + 100 * scale)
     owned = (full.x >= core[0]) & (full.x < core[2]) & (full.y >= core[1]) & (full.y < core[3]) & ~edge
-    part, part_edge = instances_from_probs(prob, None, CFG, origin, scale, MPP, _tile(core))
+    part, part_edge = instances_from_probs(prob, None, CFG, origin, scale, MPP, owner=_tile(core))
     assert len(full) == 4 and owned.sum() == 2 and len(part) == 2 and not part_edge.any()
     want = full.take(np.flatnonzero(owned))
     assert np.array_equal(np.sort(part.x), np.sort(want.x))
@@ -110,7 +110,7 @@ def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
         assert np.array_equal(part.polygon(int(a)), want.polygon(int(b)))
         assert part.area_um2[a] == want.area_um2[b] and part.perimeter_um[a] == want.perimeter_um[b]
     nothing = (origin[0] + 150 * scale, origin[1], origin[0] + 160 * scale, origin[1] + 100 * scale)
-    assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, _tile(nothing))[0]) == 0
+    assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, owner=_tile(nothing))[0]) == 0
 
 
 def test_flood_per_component_matches_global_watershed() -> None:

@@ -150,16 +150,21 @@ class Segmenter:
         rgb: NDArray[np.uint8],
         origin_xy: tuple[float, float],
         scale: float,
-        mpp: float,
+        mpp: float | None = None,
+        *,
         owner: Tile | None = None,
         keep_cut: bool = False,
     ) -> tuple[CellTable, NDArray[np.bool_]]:
-        """Cells of ``rgb`` (read at ``mpp`` µm/px; its top-left is level-0 ``origin_xy``;
-        ``scale`` level-0 px per image px) → (CellTable in level-0 px, touches_edge (n,)).
+        """Cells of ``rgb`` (read at ``mpp`` µm/px, by default the segmenter's own; its top-left
+        is level-0 ``origin_xy``; ``scale`` level-0 px per image px) → (CellTable in level-0 px,
+        touches_edge (n,)).
         With ``owner`` (the tile read), only the cells that tile owns are built
         (``keep_cut``: also those cut by the image edge, flagged in touches_edge)."""
+        mpp = self.mpp if mpp is None else mpp
         cell, nucleus = self.probability_maps(rgb, mpp)
-        return instances_from_probs(cell, nucleus, self.cfg, origin_xy, scale, mpp, owner, keep_cut)
+        return instances_from_probs(
+            cell, nucleus, self.cfg, origin_xy, scale, mpp, owner=owner, keep_cut=keep_cut
+        )
 
 
 def _check_rgb(rgb: NDArray[np.uint8]) -> None:
@@ -290,6 +295,7 @@ def instances_from_probs(
     origin_xy: tuple[float, float],
     scale: float,
     mpp: float,
+    *,
     owner: Tile | None = None,
     keep_cut: bool = False,
 ) -> tuple[CellTable, NDArray[np.bool_]]:

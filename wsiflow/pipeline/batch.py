@@ -92,7 +92,9 @@ def process_tile(
         read_tile = _grown(tile, grow * halo_px) if grow else tile
         box, w = read_tile.read, read_tile.read_px[0]
         rgb, image, (cw, ch) = read_seg_image(slide, read_tile, seg_mpp, cls_mpp)
-        cells, edge = models.segmenter.segment(rgb, (box.x, box.y), box.w / w, seg_mpp, tile, True)
+        cells, edge = models.segmenter.segment(
+            rgb, (box.x, box.y), box.w / w, seg_mpp, owner=tile, keep_cut=True
+        )
         del rgb
         if not edge.any():
             break
