@@ -212,3 +212,46 @@ def test_a_slide_whose_finishing_raises_leaves_the_others_done(
     _, rows = read_summary_csv(out / "summary.csv")
     assert [r["status"] == "error" for r in rows] == [p == victim for p in good]
     assert sorted(window.finished) == sorted(r.label for r in results)
+
+
+def test_a_slide_whose_tiles_all_fail_costs_only_itself(
+    setup, one_by_one, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first (largest) slide's tiles all fail: after the first few it is given up with its
+    one line (its queued batches dropped, those in flight cancelled), and every other slide
+    ends with the cells and summary of its one-by-one run."""
+    from distributed import Client
+
+    import wsiflow.pipeline.batch as batch_mod
+    from wsiflow.errors import SlideError
+
+    _, pipe, refs, bundles, inputs = setup
+    out_s, _ = one_by_one
+    victim = inputs[0]
+    real = batch_mod.process_tile
+
+    def broken(slide, tile, *rest):  # type: ignore[no-untyped-def]
+        if Path(victim).stem in str(slide.path):
+            raise SlideError(victim, f"tile {tile.id}: simulated read failure")
+        return real(slide, tile, *rest)
+
+    out = tmp_path / "out"
+    window = _Window()
+    # tasks run in this process (threads), so the patched function is the one they call
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        monkeypatch.setattr(batch_mod, "process_tile", broken)
+        opts = RunOptions(out=out, flush_seconds=0.0, report=False, max_in_flight=4, batch_tiles=2)
+        results = _CountingRunner(client, pipe, refs, bundles, opts, window).run(inputs)
+    first = results[0]
+    assert not first.ok and "no tile could be processed" in (first.error or "")
+    assert [r.ok for r in results] == [False, True, False, True, True]
+    lines = sorted(n for n in window.notes if "failed and is excluded" not in n)
+    assert lines == sorted([first.error, results[2].error])  # one line each
+    assert not CellStore.is_complete(out / "full" / "cells.zarr")
+    for r in results[1:]:
+        if r.ok:
+            name = Path(r.path).stem
+            a = CellStore.open(out / name / "cells.zarr", mode="r").read_table().sorted()
+            b = CellStore.open(out_s / name / "cells.zarr", mode="r").read_table().sorted()
+            assert a.equals(b) and _doc(out, name) == _doc(out_s, name), name
+    assert sorted(window.finished) == sorted(r.label for r in results)
