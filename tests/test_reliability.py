@@ -407,10 +407,13 @@ class _LiveTables:
         self.most = 0
         self.calls = 0
 
-    def slide_started(self, name: str, total_tiles: int, done_tiles: int) -> None:
+    def run_started(self, n_slides: int) -> None:
         pass
 
-    def tiles_done(self, n_tiles: int, n_cells: int) -> None:
+    def slide_started(self, slide: str, total_tiles: int, done_tiles: int) -> None:
+        pass
+
+    def tiles_done(self, slide: str, n_tiles: int, n_cells: int) -> None:
         self.calls += 1
         live = sum(1 for o in gc.get_objects() if type(o) is CellTable)
         self.most = max(self.most, live)

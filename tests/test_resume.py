@@ -141,7 +141,7 @@ class _KillWorkerAfter(NullReporter):
     def __init__(self, proc: subprocess.Popen[bytes], after: int) -> None:
         self.proc, self.after, self.seen, self.killed = proc, after, 0, False
 
-    def tiles_done(self, n_tiles: int, n_cells: int) -> None:
+    def tiles_done(self, slide: str, n_tiles: int, n_cells: int) -> None:
         self.seen += n_tiles
         if not self.killed and self.seen >= self.after:
             os.killpg(self.proc.pid, signal.SIGKILL)

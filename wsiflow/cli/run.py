@@ -150,6 +150,12 @@ def run(
     report: bool = typer.Option(
         True, "--report/--no-report", help="Write OUT/report.html and OUT/<slide>/report.html."
     ),
+    overlap: bool = typer.Option(
+        True,
+        "--overlap/--no-overlap",
+        hidden=True,  # --no-overlap: one slide at a time, the path before slides overlapped (benchmarks)
+        help="Let the next slides' tiles go out while earlier slides drain and finish.",
+    ),
 ) -> None:
     """Segment and classify cells on whole slides; write Zarr, QuPath GeoJSON and summaries."""
     from wsiflow.config import load_pipeline
@@ -173,6 +179,7 @@ def run(
         retry_failed=retry_failed,
         roi=roi,
         storage=parse_storage_options(storage_options),
+        overlap=overlap,
     )
     cluster_options = ClusterOptions(
         scheduler=scheduler,
@@ -215,17 +222,20 @@ def run(
         link = session.dashboard_link or "not available (the dashboard needs the 'bokeh' package)"
         typer.echo(f"wsiflow: dashboard: {link}", err=True)
 
-    with quiet_dask(debug):
-        results = run_slides(
-            inputs,
-            pipe,
-            options,
-            cluster_options,
-            reporter,
-            models=(refs, bundles),
-            dirs=dirs,
-            on_connect=announce,
-        )
+    try:
+        with quiet_dask(debug):
+            results = run_slides(
+                inputs,
+                pipe,
+                options,
+                cluster_options,
+                reporter,
+                models=(refs, bundles),
+                dirs=dirs,
+                on_connect=announce,
+            )
+    finally:
+        reporter.close()
     typer.echo(format_table(results, pipe))
     typer.echo(f"outputs: {out}")
     raise typer.Exit(0 if all(r.ok for r in results) else 1)

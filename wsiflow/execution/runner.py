@@ -2,7 +2,7 @@
 
 This module is the dispatch half of a run; what happens to a slide is the pipeline
 layer's (:mod:`wsiflow.pipeline.plan`, :mod:`wsiflow.pipeline.batch`,
-:mod:`wsiflow.pipeline.finish`). For each slide, in order:
+:mod:`wsiflow.pipeline.finish`). For each slide:
 
 1. **plan** (client): :func:`wsiflow.pipeline.plan.plan_slide`;
 2. **resume bookkeeping**: ``OUT/<slide>/cells.zarr`` holds ``tiles/done``; with
@@ -17,6 +17,18 @@ layer's (:mod:`wsiflow.pipeline.plan`, :mod:`wsiflow.pipeline.batch`,
 5. **finish**: :func:`wsiflow.pipeline.finish.finish_slide` (GeoJSON, ``summary.json``;
    the store is marked complete last), then :func:`~wsiflow.pipeline.finish.record_slide`
    (the row of ``OUT/summary.csv``, the slide's report).
+
+**Slides overlap** (``RunOptions.overlap``, the default): one dispatch loop on the calling
+thread keeps a single window of at most ``max_in_flight`` batches outstanding across all
+slides. A planner thread plans (and opens the stores of) up to :data:`PLAN_AHEAD` slides
+ahead; the next planned slide joins the window as soon as the slides already in it have
+fewer queued batches than the window holds, so the cluster never waits at a slide boundary;
+batches go out earliest slide first. A slide whose batches are all back is handed to one
+finisher thread (finish, then record), in input order, so ``summary.csv`` rows are written
+one at a time and in the order of a one-by-one run. Only the dispatch thread touches Dask
+futures, the stores being appended to and the :class:`Reporter` (the threads' notes are
+replayed by it). ``overlap=False`` is the one-slide-at-a-time path (plan, compute, finish,
+record, next), kept for comparison (``wsiflow run --no-overlap``, the cohort benchmark).
 
 :func:`prepare_run` checks and creates the output folders once (the CLI calls it before
 starting a cluster, and hands its result to :meth:`Runner.run`).
@@ -38,6 +50,9 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import Future as LocalFuture
+from concurrent.futures import wait as wait_local
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,6 +103,9 @@ log = logging.getLogger(__name__)
 STATUS_ERROR = "error"
 # a slide whose first tiles all fail (and none succeed) is given up after this many
 FAIL_FAST_TILES = 8
+# overlap: slides planned (stores opened) ahead of dispatch, and slides with batches in the window
+PLAN_AHEAD = 2
+MAX_ACTIVE_SLIDES = 4
 
 
 class RunAborted(WsiflowError):
@@ -113,6 +131,7 @@ class RunOptions:
     retry_failed: bool = False  # with resume: re-run the failed tiles of finished stores too
     roi: Path | None = None  # QuPath annotations: one file, or a folder of <slide-stem>.geojson
     storage: StorageOptions | None = None  # fsspec options for URL inputs (may hold credentials)
+    overlap: bool = True  # slides overlap on the cluster; False: one slide at a time (plan … record, next)
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -155,6 +174,11 @@ class SlideResult:
     def ok(self) -> bool:
         return self.status != STATUS_ERROR
 
+    @property
+    def label(self) -> str:
+        """The slide's unique name in this run (its output folder's); progress is keyed on it."""
+        return self.out_dir.name if self.out_dir is not None else self.name
+
     def record(self) -> SlideRecord:
         """What ``summary.csv`` records about this slide (its row: ``record().to_row()``)."""
         return SlideRecord(
@@ -168,11 +192,18 @@ class SlideResult:
 
 
 class Reporter(Protocol):
-    """Progress sink; the CLI draws bars, tests record calls."""
+    """Progress sink; the CLI draws bars, tests record calls.
 
-    def slide_started(self, name: str, total_tiles: int, done_tiles: int) -> None: ...
+    The runner calls it from one thread only (the one that called :meth:`Runner.run`), also
+    when slides overlap: several slides may be between ``slide_started`` and
+    ``slide_finished`` at once, told apart by ``slide`` (:attr:`SlideResult.label`).
+    """
 
-    def tiles_done(self, n_tiles: int, n_cells: int) -> None: ...
+    def run_started(self, n_slides: int) -> None: ...
+
+    def slide_started(self, slide: str, total_tiles: int, done_tiles: int) -> None: ...
+
+    def tiles_done(self, slide: str, n_tiles: int, n_cells: int) -> None: ...
 
     def slide_finished(self, result: SlideResult) -> None: ...
 
@@ -180,10 +211,13 @@ class Reporter(Protocol):
 
 
 class NullReporter:
-    def slide_started(self, name: str, total_tiles: int, done_tiles: int) -> None:
+    def run_started(self, n_slides: int) -> None:
         pass
 
-    def tiles_done(self, n_tiles: int, n_cells: int) -> None:
+    def slide_started(self, slide: str, total_tiles: int, done_tiles: int) -> None:
+        pass
+
+    def tiles_done(self, slide: str, n_tiles: int, n_cells: int) -> None:
         pass
 
     def slide_finished(self, result: SlideResult) -> None:
@@ -327,6 +361,27 @@ def _batches(tiles: Sequence[Tile], k: int) -> Iterator[_Batch]:
         yield _Batch(list(tiles[i : i + k]))
 
 
+@dataclass(eq=False)
+class _SlideRun:
+    """One slide on its way through a run (client side)."""
+
+    index: int
+    result: SlideResult
+    out_dir: Path
+    t0: float = field(default_factory=time.perf_counter)
+    plan: SlidePlan | None = None
+    store: CellStore | None = None  # None once planned: complete from an earlier run (resume)
+    todo: list[Tile] = field(default_factory=list)
+    queue: deque[_Batch] = field(default_factory=deque)  # batches not yet submitted
+    outstanding: set[Any] = field(default_factory=set)  # keys of its batches in flight
+    succeeded: int = 0  # tiles whose batch came back
+    failed: bool = False  # the slide failed (its error is in ``result``)
+
+    @property
+    def path(self) -> str:
+        return self.result.path
+
+
 class Runner:
     """Runs slides on ``client`` with ``pipeline`` and the verified model ``bundles``."""
 
@@ -351,62 +406,80 @@ class Runner:
     # ------------------------------------------------------------------ public
 
     def run(self, inputs: Sequence[str], dirs: dict[str, Path] | None = None) -> list[SlideResult]:
-        """Every input in turn; ``dirs`` is :func:`prepare_run`'s result (made here when None)."""
+        """Every input (overlapping on the cluster unless ``options.overlap`` is off);
+        ``dirs`` is :func:`prepare_run`'s result (made here when None). Results in input order."""
         if dirs is None:
             dirs = prepare_run(self.options, inputs)
         with output_lock(self.options.out):  # one writer per output folder
-            return self._run(inputs, dirs)
+            self.reporter.run_started(len(inputs))
+            if self.options.overlap:
+                results = self._run_overlapped(inputs, dirs)
+            else:
+                results = self._run_sequential(inputs, dirs)
+            if self.options.report:
+                record_run(self.options.out, self.reporter.note)
+            return results
 
-    def _run(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
+    def _run_sequential(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
         results: list[SlideResult] = []
         for path in inputs:
             result = self.run_slide(path, dirs[path])
             results.append(result)
-            # one row per slide; rows of slides from earlier runs into the same OUT stay
-            record_slide(
-                self.options.out,
-                result.record(),
-                out_dir=result.out_dir if result.status != STATUS_ERROR else None,
-                slide_path=path,
-                report=self.options.report,
-                note=self.reporter.note,
-                storage=self.options.storage,
-            )
+            self._record(result, self.reporter.note)
             self.reporter.slide_finished(result)
-        if self.options.report:
-            record_run(self.options.out, self.reporter.note)
         return results
+
+    def _record(self, result: SlideResult, note: Callable[[str], None]) -> None:
+        # one row per slide; rows of slides from earlier runs into the same OUT stay
+        record_slide(
+            self.options.out,
+            result.record(),
+            out_dir=result.out_dir if result.status != STATUS_ERROR else None,
+            slide_path=result.path,
+            report=self.options.report,
+            note=note,
+            storage=self.options.storage,
+        )
 
     # ------------------------------------------------------------------ one slide
 
     def run_slide(self, path: str, out_dir: Path) -> SlideResult:
+        """One slide, start to finish, on this thread (the sequential path)."""
         t0 = time.perf_counter()
         result = SlideResult(path=path, name=slide_name(path), out_dir=out_dir, status=STATUS_ERROR)
         try:
-            self._run_slide(path, out_dir, result)
-        except RunAborted:
-            raise
-        except WsiflowError as exc:
-            if getattr(exc, "errno", None) == errno.ENOSPC:
-                raise  # a full disk fails every later write too: stop with this one line
-            self._slide_failed(result, _one_line(str(exc), path))
-        except Exception as exc:  # a bug must cost one slide, not the night's batch
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise OutputError(
-                    f"{exc.filename or out_dir}: cannot write (No space left on device; "
-                    "free some space, then rerun with --resume)"
-                ) from None
-            log.debug("slide %s failed", path, exc_info=True)
-            why = f"internal error: {_reason(exc)} (--debug shows details)"
-            self._slide_failed(result, _one_line(why, path))
+            self._run_slide(_SlideRun(0, result, out_dir, t0))
+        except Exception as exc:
+            self._slide_failed(result, self._failure(exc, path, out_dir), self.reporter.note)
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _slide_failed(self, result: SlideResult, message: str) -> None:
+    def _failure(self, exc: BaseException, path: str, out_dir: Path) -> str:
+        """The one line of a slide that failed with ``exc``; re-raises what must stop the run
+        (workers that cannot run the models, a full disk, an interrupt)."""
+        if isinstance(exc, RunAborted):
+            raise exc
+        if isinstance(exc, WsiflowError):
+            if getattr(exc, "errno", None) == errno.ENOSPC:
+                raise exc  # a full disk fails every later write too: stop with this one line
+            return _one_line(str(exc), path)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OutputError(
+                f"{exc.filename or out_dir}: cannot write (No space left on device; "
+                "free some space, then rerun with --resume)"
+            ) from None
+        if not isinstance(exc, Exception):
+            raise exc
+        # a bug must cost one slide, not the night's batch
+        log.debug("slide %s failed", path, exc_info=exc)
+        return _one_line(f"internal error: {_reason(exc)} (--debug shows details)", path)
+
+    @staticmethod
+    def _slide_failed(result: SlideResult, message: str, note: Callable[[str], None]) -> None:
         result.status = STATUS_ERROR
         result.error = message
         result.summary = None
-        self.reporter.note(message)
+        note(message)
 
     def _store_attrs(self, plan: SlidePlan) -> dict[str, Any]:
         return {
@@ -441,29 +514,59 @@ class Runner:
             flush_seconds=self.options.flush_seconds,
         )
 
-    def _run_slide(self, path: str, out_dir: Path, result: SlideResult) -> None:
+    def _prepare(self, s: _SlideRun) -> None:
+        """Plan the slide and open its store; the tiles still to do go to ``s.todo`` (no
+        Dask, no reporter: it runs on the planner thread when slides overlap)."""
         o = self.options
-        plan = plan_slide(path, self.pipeline, o.mpp, o.backend, o.storage, o.roi)
-        result.tiles_total = len(plan.tiles)
-        store = self._open_store(plan, out_dir, result)
-        if store is None:  # complete from an earlier run: same numbers, nothing recomputed
-            result.tiles_skipped = len(plan.tiles)
-            self.reporter.note(f"{path}: already complete in {out_dir}; skipped (--resume)")
-            finished = CellStore.open(out_dir / "cells.zarr")  # read-only
-            self._summarized(summarize_store(plan, finished, self.pipeline), result)
+        s.plan = plan = plan_slide(s.path, self.pipeline, o.mpp, o.backend, o.storage, o.roi)
+        s.result.tiles_total = len(plan.tiles)
+        s.store = self._open_store(plan, s.out_dir, s.result)
+        if s.store is None:  # complete from an earlier run: same numbers, nothing recomputed
+            s.result.tiles_skipped = len(plan.tiles)
             return
-        done = np.asarray(store.done, bool)
-        todo = [t for t in plan.tiles if not done[t.id]]
-        result.tiles_skipped = len(plan.tiles) - len(todo)
-        self.reporter.slide_started(result.name, len(plan.tiles), result.tiles_skipped)
-        self._compute(plan, store, todo, result)
+        done = np.asarray(s.store.done, bool)
+        s.todo = [t for t in plan.tiles if not done[t.id]]
+        s.result.tiles_skipped = len(plan.tiles) - len(s.todo)
+
+    def _queue_batches(self, s: _SlideRun) -> None:
+        # batch_tiles is an upper bound: a small slide is cut finer so every worker thread
+        # gets work (results do not depend on batching)
+        threads = max(1, sum(self.client.nthreads().values()))
+        k = max(1, min(self.batch_tiles, math.ceil(len(s.todo) / threads)))
+        s.queue = deque(_batches(s.todo, k))
+        s.todo = []
+
+    def _already_complete(self, s: _SlideRun) -> str:
+        return f"{s.path}: already complete in {s.out_dir}; skipped (--resume)"
+
+    def _summarize_complete(self, s: _SlideRun) -> None:
+        assert s.plan is not None
+        finished = CellStore.open(s.out_dir / "cells.zarr")  # read-only
+        self._summarized(summarize_store(s.plan, finished, self.pipeline), s.result)
+
+    def _run_slide(self, s: _SlideRun) -> None:
+        self._prepare(s)
+        if s.store is None:
+            self.reporter.note(self._already_complete(s))
+            self._summarize_complete(s)
+            return
+        self.reporter.slide_started(s.result.label, s.result.tiles_total, s.result.tiles_skipped)
+        self._queue_batches(s)
+        self._compute(s)
+        self._finish(s)
+
+    def _finish(self, s: _SlideRun) -> None:
+        """Summary, GeoJSON, ``summary.json``; the store marked complete (finisher thread when
+        slides overlap)."""
+        plan, store, result = s.plan, s.store, s.result
+        assert plan is not None and store is not None
         if plan.tiles and len(result.failed_tiles) == len(plan.tiles):
             first = next(iter(result.failed_tiles.values()))
-            raise SlideError(path, f"all {len(plan.tiles)} tiles failed (first: {first})")
+            raise SlideError(s.path, f"all {len(plan.tiles)} tiles failed (first: {first})")
         summary = finish_slide(
             plan,
             store,
-            out_dir,
+            s.out_dir,
             self.pipeline,
             model_meta(self.bundles),
             geoparquet=self.options.geoparquet,
@@ -489,51 +592,57 @@ class Runner:
             key=f"wsiflow-batch-{batch.tiles[0].id}-{batch.attempts}-{os.urandom(6).hex()}",
         )
 
-    def _compute(self, plan: SlidePlan, store: CellStore, todo: list[Tile], result: SlideResult) -> None:
-        # batch_tiles is an upper bound: a small slide is cut finer so every worker thread
-        # gets work (results do not depend on batching)
-        threads = max(1, sum(self.client.nthreads().values()))
-        k = max(1, min(self.batch_tiles, math.ceil(len(todo) / threads)))
-        queue: deque[_Batch] = deque(_batches(todo, k))
+    def _stored(self, s: _SlideRun, res: BatchResult, batch: _Batch) -> None:
+        """A batch came back: its cells into the slide's store, its tiles marked done."""
+        result, store = s.result, s.store
+        assert store is not None
+        table: CellTable = res.table
+        if set(res.unreadable) - set(result.unreadable) or res.cut_cells:
+            result.unreadable.update(res.unreadable)
+            result.cut_cells.update({str(k): v for k, v in res.cut_cells.items()})
+            # in the store as they arrive, so a resumed run still counts them
+            store.update_attrs({"unreadable": result.unreadable, "cut_cells": result.cut_cells})
+        store.append(table, batch.ids)
+        result.tiles_computed.extend(batch.ids)
+        result.n_cells += len(table)
+        s.succeeded += len(batch.ids)
+        self.reporter.tiles_done(result.label, len(batch.ids), len(table))
+
+    def _batch_failed(self, s: _SlideRun, batch: _Batch, exc: BaseException | None) -> None:
+        self._failed(s, batch, exc)
+        plan = s.plan
+        assert plan is not None
+        if not s.succeeded and len(s.result.failed_tiles) >= min(FAIL_FAST_TILES, len(plan.tiles)):
+            first = next(iter(s.result.failed_tiles.values()))
+            raise SlideError(s.path, f"no tile could be processed (first: {first})")
+
+    def _compute(self, s: _SlideRun) -> None:
+        """The sequential path: this slide's batches, at most ``max_in_flight`` outstanding."""
+        assert s.plan is not None
+        plan = s.plan
         limit = self._in_flight()
         inflight: dict[Any, tuple[Future, _Batch]] = {}
-        succeeded = 0
 
         def fill() -> list[Future]:
             new: list[Future] = []
-            while queue and len(inflight) < limit:
-                b = queue.popleft()
+            while s.queue and len(inflight) < limit:
+                b = s.queue.popleft()
                 fut = self._submit(plan, b)
                 inflight[fut.key] = (fut, b)
                 new.append(fut)
                 self.peak_in_flight = max(self.peak_in_flight, len(inflight))
             return new
 
-        if not queue:
+        if not s.queue:
             return
         ac = as_completed(fill(), loop=self.client.loop)  # backpressure: a result lets one more out
         try:
             for fut in ac:
                 _, batch = inflight.pop(fut.key)
                 if fut.status == "finished":
-                    res: BatchResult = fut.result()
-                    table: CellTable = res.table
-                    if set(res.unreadable) - set(result.unreadable) or res.cut_cells:
-                        result.unreadable.update(res.unreadable)
-                        result.cut_cells.update({str(k): v for k, v in res.cut_cells.items()})
-                        # in the store as they arrive, so a resumed run still counts them
-                        store.update_attrs({"unreadable": result.unreadable, "cut_cells": result.cut_cells})
-                    store.append(table, batch.ids)
-                    result.tiles_computed.extend(batch.ids)
-                    result.n_cells += len(table)
-                    succeeded += len(batch.ids)
-                    self.reporter.tiles_done(len(batch.ids), len(table))
+                    self._stored(s, fut.result(), batch)
                 else:
-                    exc = _exception_of(fut)
-                    self._failed(plan, store, batch, exc, queue, result)
-                    if not succeeded and len(result.failed_tiles) >= min(FAIL_FAST_TILES, len(plan.tiles)):
-                        first = next(iter(result.failed_tiles.values()))
-                        raise SlideError(plan.path, f"no tile could be processed (first: {first})")
+                    self._batch_failed(s, batch, _exception_of(fut))
                 fut.release()
                 for new_fut in fill():
                     ac.add(new_fut)
@@ -541,15 +650,9 @@ class Runner:
             if inflight:
                 self.client.cancel([f for f, _ in inflight.values()])
 
-    def _failed(
-        self,
-        plan: SlidePlan,
-        store: CellStore,
-        batch: _Batch,
-        exc: BaseException | None,
-        queue: deque[_Batch],
-        result: SlideResult,
-    ) -> None:
+    def _failed(self, s: _SlideRun, batch: _Batch, exc: BaseException | None) -> None:
+        plan, store, queue, result = s.plan, s.store, s.queue, s.result
+        assert plan is not None and store is not None
         if isinstance(exc, TaskError) and exc.scope == "run":
             raise RunAborted(f"workers cannot run the models: {exc.message}")
         if isinstance(exc, TaskError) and exc.scope == "slide":
@@ -568,8 +671,158 @@ class Runner:
         tile = batch.tiles[0]
         store.mark_failed([tile.id])
         result.failed_tiles[tile.id] = reason
-        self.reporter.tiles_done(1, 0)
+        self.reporter.tiles_done(result.label, 1, 0)
         self.reporter.note(f"{plan.path}: tile {tile.id} failed and is excluded ({reason})")
+
+    # ------------------------------------------------------------------ overlapping slides
+
+    def _finish_job(self, s: _SlideRun) -> list[str]:
+        """Finisher thread: finish the slide (unless it failed), then its row and report.
+        Returns the notes for the dispatch thread to pass to the reporter; raises only what
+        must stop the run."""
+        notes: list[str] = []
+        if not s.failed:
+            try:
+                if s.store is None:
+                    self._summarize_complete(s)
+                else:
+                    self._finish(s)
+            except Exception as exc:
+                self._slide_failed(s.result, self._failure(exc, s.path, s.out_dir), notes.append)
+        s.result.seconds = time.perf_counter() - s.t0
+        self._record(s.result, notes.append)
+        return notes
+
+    def _run_overlapped(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
+        slides = [
+            _SlideRun(i, SlideResult(path=p, name=slide_name(p), out_dir=d, status=STATUS_ERROR), d)
+            for i, (p, d) in enumerate((p, dirs[p]) for p in inputs)
+        ]
+        limit = self._in_flight()
+        pending: deque[_SlideRun] = deque(slides)  # not yet planned
+        planning: deque[tuple[_SlideRun, LocalFuture[None]]] = deque()  # in input order
+        active: list[_SlideRun] = []  # batches queued or in flight, in input order
+        computed: dict[int, _SlideRun] = {}  # all batches back (or failed): waiting to be finished
+        finishing: deque[tuple[_SlideRun, LocalFuture[list[str]]]] = deque()
+        next_finish = 0  # slides go to the finisher in input order
+        inflight: dict[Any, tuple[Future, _Batch, _SlideRun]] = {}  # by task key
+        ac = as_completed([], loop=self.client.loop)
+        planner = ThreadPoolExecutor(1, thread_name_prefix="wsiflow-plan")
+        finisher = ThreadPoolExecutor(1, thread_name_prefix="wsiflow-finish")
+
+        def computed_all(s: _SlideRun) -> None:
+            if s in active:
+                active.remove(s)
+            computed[s.index] = s
+
+        def drop(s: _SlideRun, exc: BaseException) -> None:
+            """The slide failed: its one line, its batches cancelled; the others go on."""
+            self._slide_failed(s.result, self._failure(exc, s.path, s.out_dir), self.reporter.note)
+            s.failed = True
+            s.queue.clear()
+            gone = [inflight.pop(k)[0] for k in s.outstanding if k in inflight]
+            s.outstanding.clear()
+            if gone:
+                self.client.cancel(gone)
+            computed_all(s)
+
+        def can_activate() -> bool:
+            return len(active) < MAX_ACTIVE_SLIDES and sum(len(a.queue) for a in active) < limit
+
+        def activate(s: _SlideRun, planned: LocalFuture[None]) -> None:
+            try:
+                planned.result()
+                if s.store is None:
+                    self.reporter.note(self._already_complete(s))
+                    computed_all(s)
+                    return
+                self.reporter.slide_started(s.result.label, s.result.tiles_total, s.result.tiles_skipped)
+                self._queue_batches(s)
+            except Exception as exc:
+                drop(s, exc)
+                return
+            if s.queue:
+                active.append(s)
+            else:
+                computed_all(s)
+
+        def fill() -> None:
+            for s in active:  # the earliest slide first
+                while s.queue and len(inflight) < limit:
+                    assert s.plan is not None
+                    b = s.queue.popleft()
+                    fut = self._submit(s.plan, b)
+                    inflight[fut.key] = (fut, b, s)
+                    s.outstanding.add(fut.key)
+                    ac.add(fut)
+                    self.peak_in_flight = max(self.peak_in_flight, len(inflight))
+                if len(inflight) >= limit:
+                    return
+
+        def collect(fut: Future) -> None:
+            entry = inflight.pop(fut.key, None)
+            if entry is None:  # a batch of a slide that failed meanwhile (cancelled)
+                fut.release()
+                return
+            _, batch, s = entry
+            s.outstanding.discard(fut.key)
+            try:
+                if fut.status == "finished":
+                    self._stored(s, fut.result(), batch)
+                else:
+                    self._batch_failed(s, batch, _exception_of(fut))
+            except Exception as exc:
+                drop(s, exc)
+            finally:
+                fut.release()
+            if not s.failed and not s.queue and not s.outstanding:
+                computed_all(s)
+
+        try:
+            while True:
+                while pending and len(planning) < PLAN_AHEAD:
+                    s = pending.popleft()
+                    planning.append((s, planner.submit(self._prepare, s)))
+                while planning and planning[0][1].done() and can_activate():
+                    activate(*planning.popleft())
+                    if pending:
+                        s = pending.popleft()
+                        planning.append((s, planner.submit(self._prepare, s)))
+                fill()
+                while next_finish in computed:
+                    s = computed.pop(next_finish)
+                    next_finish += 1
+                    finishing.append((s, finisher.submit(self._finish_job, s)))
+                while finishing and finishing[0][1].done():
+                    s, job = finishing.popleft()
+                    for message in job.result():  # raises what must stop the run
+                        self.reporter.note(message)
+                    self.reporter.slide_finished(s.result)
+                if next_finish == len(slides) and not finishing:
+                    break
+                # wait for a batch, the next plan (when it could join) or the next finished slide
+                watch: list[LocalFuture[Any]] = []
+                if planning and can_activate():
+                    watch.append(planning[0][1])
+                if finishing:
+                    watch.append(finishing[0][1])
+                if inflight:
+                    if watch:
+                        while not ac.has_ready() and not any(f.done() for f in watch):
+                            time.sleep(0.01)
+                    ready = ac.next_batch(block=not watch)
+                    for fut in ready:
+                        collect(fut)
+                elif watch:
+                    wait_local(watch, return_when=FIRST_COMPLETED)
+                else:  # pragma: no cover - a slide is always planning, in flight or finishing
+                    raise RuntimeError("dispatch stalled: no batch, plan or finish outstanding")
+        finally:
+            if inflight:
+                self.client.cancel([f for f, _, _ in inflight.values()])
+            planner.shutdown(wait=True, cancel_futures=True)
+            finisher.shutdown(wait=True, cancel_futures=True)
+        return [s.result for s in slides]
 
     # ------------------------------------------------------------------ finish
 
