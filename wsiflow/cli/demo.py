@@ -104,10 +104,13 @@ def demo(
     def announce(session: ClusterSession) -> None:
         typer.echo(f"wsiflow: {session.description}", err=True)
 
-    with quiet_dask(debug_enabled()):
-        results = run_slides(
-            [str(slide)], pipe, options, cluster, reporter, models=(refs, bundles), on_connect=announce
-        )
+    try:
+        with quiet_dask(debug_enabled()):
+            results = run_slides(
+                [str(slide)], pipe, options, cluster, reporter, models=(refs, bundles), on_connect=announce
+            )
+    finally:
+        reporter.close()
     res = results[0]
     if not res.ok or res.summary is None or res.out_dir is None:
         typer.echo(f"wsiflow demo: the run failed: {res.error}", err=True)
