@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from wsiflow.aggregate import BlastStat, LineageStat, SlideSummary, summarize
+from wsiflow.config import load_pipeline
 from wsiflow.synth.compare import Detections, Truth, compare, match_centroids
+
+
+def _summary(
+    lineages: tuple[LineageStat, ...] = (),
+    blast: BlastStat | None = None,
+    rule: str = "nucleated-without-megakaryocytes",
+) -> SlideSummary:
+    """A run's typed summary with the given lineage and blast rows (the rest as for no cells)."""
+    base = summarize(np.zeros(0, np.int64), load_pipeline("mds-demo"))
+    return dataclasses.replace(base, lineages=lineages, blast=blast, denominator_rule=rule)
 
 
 def _truth() -> Truth:
@@ -76,27 +90,10 @@ def test_demo_table_puts_measured_next_to_truth() -> None:
 
     t = _truth()
     c = compare(t, Detections(t.x, t.y, t.code))
-    summary = {
-        "lineages": [
-            {
-                "lineage": "erythroid",
-                "normal": 1,
-                "dysplastic": 1,
-                "fraction": 0.5,
-                "ci_low": 0.09,
-                "ci_high": 0.91,
-                "flag": "uncertain",
-            },
-        ],
-        "blast": {
-            "count": 1,
-            "nucleated": 5,
-            "fraction": 0.2,
-            "ci_low": 0.04,
-            "ci_high": 0.62,
-            "band": "≥20%",
-        },
-    }
+    summary = _summary(
+        lineages=(LineageStat("erythroid", 1, 1, 0.5, 0.09, 0.91, "uncertain"),),
+        blast=BlastStat(1, 5, 0.2, 0.04, 0.62, "≥20%"),
+    )
     truth = {
         "lineages": {
             "erythroid": {"dysplastic": 1, "total": 2, "fraction": 0.5},
@@ -118,10 +115,10 @@ def test_blast_fraction_uses_the_runs_denominator_rule() -> None:
     t = _truth()
     px, py = np.array([100.0, 300.0, 500.0, 700.0, 900.0]), np.full(5, 100.0)
     codes = ("EN", "ED", "GN", "blast", "MN")
-    blast = {"ci_low": 0.2, "ci_high": 0.3}
-    summary = {"denominator_rule": "nucleated-without-megakaryocytes", "blast": blast}
+    blast = BlastStat(1, 4, 0.25, 0.2, 0.3, "10-19%")
+    summary = _summary(blast=blast)
     c = compare(t, Detections(px, py, codes, summary))
     assert c.fractions["blast"]["truth"] == pytest.approx(1 / 4)
     assert c.fractions["blast"]["measured"] == pytest.approx(1 / 4) and c.fractions["blast"]["truth_in_ci"]
-    c = compare(t, Detections(px, py, codes, {"denominator_rule": "nucleated"}))
+    c = compare(t, Detections(px, py, codes, _summary(blast=blast, rule="nucleated")))
     assert c.fractions["blast"]["truth"] == pytest.approx(1 / 5)

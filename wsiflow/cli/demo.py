@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from wsiflow.cli._app import app, debug_enabled
 from wsiflow.cli._logging import quiet_dask
 from wsiflow.cli._progress import BarReporter
+
+if TYPE_CHECKING:
+    from wsiflow.aggregate import SlideSummary
+    from wsiflow.synth.compare import Comparison
 
 DEMO_SIZE = "4000x4000"
 DEMO_SEED = 3
@@ -27,23 +31,26 @@ def _pct(v: Any) -> str:
     return "—" if v is None else f"{100 * float(v):.1f}%"
 
 
-def format_demo(summary: dict[str, Any], truth: dict[str, Any], comparison: Any) -> str:
+def format_demo(summary: SlideSummary, truth: dict[str, Any], comparison: Comparison) -> str:
     """The closing table: measured (95% interval, call) next to the truth."""
     lines = [f"{'':20}{'measured':>10}  {'95% interval':<17}{'call':<12}{'truth':>8}"]
-    by_lin = {d["lineage"]: d for d in summary.get("lineages", [])}
+    by_lin = {d.lineage: d for d in summary.lineages}
     for lin, t in truth["lineages"].items():
-        d = by_lin.get(lin, {})
-        ci = f"[{_pct(d.get('ci_low'))}, {_pct(d.get('ci_high'))}]" if d.get("ci_low") is not None else "—"
-        n = f"{d.get('dysplastic', 0)}/{d.get('normal', 0) + d.get('dysplastic', 0)}" if d else ""
+        d = by_lin.get(lin)
+        ci = f"[{_pct(d.ci_low)}, {_pct(d.ci_high)}]" if d is not None and d.ci_low is not None else "—"
+        n = f"{d.dysplastic}/{d.normal + d.dysplastic}" if d is not None else ""
+        fraction, flag = (d.fraction, d.flag) if d is not None else (None, "—")
         lines.append(
-            f"{lin + ' dysp.':20}{_pct(d.get('fraction')):>10}  {ci:<17}{d.get('flag', '—')!s:<12}"
+            f"{lin + ' dysp.':20}{_pct(fraction):>10}  {ci:<17}{flag!s:<12}"
             f"{_pct(t['fraction']):>8}   ({n} cells; truth {t['dysplastic']}/{t['total']})"
         )
-    b = summary.get("blast") or {}
-    ci = f"[{_pct(b.get('ci_low'))}, {_pct(b.get('ci_high'))}]" if b.get("ci_low") is not None else "—"
+    b = summary.blast
+    ci = f"[{_pct(b.ci_low)}, {_pct(b.ci_high)}]" if b is not None and b.ci_low is not None else "—"
+    fraction, band = (b.fraction, b.band or "—") if b is not None else (None, "—")
+    count, nucleated = (b.count, b.nucleated) if b is not None else (0, 0)
     lines.append(
-        f"{'blasts':20}{_pct(b.get('fraction')):>10}  {ci:<17}{b.get('band', '—')!s:<12}"
-        f"{_pct(truth['blasts']['fraction']):>8}   ({b.get('count', 0)}/{b.get('nucleated', 0)} cells; "
+        f"{'blasts':20}{_pct(fraction):>10}  {ci:<17}{band!s:<12}"
+        f"{_pct(truth['blasts']['fraction']):>8}   ({count}/{nucleated} cells; "
         f"truth {truth['blasts']['count']}/{truth['nucleated']})"
     )
     c = comparison
@@ -121,7 +128,7 @@ def demo(
         f"wsiflow demo — generated bone-marrow smear, {res.n_cells} cells classified "
         f"(demo models: not for real slides)"
     )
-    typer.echo(format_demo(res.summary.to_dict(), truth, comparison))
+    typer.echo(format_demo(res.summary, truth, comparison))
     typer.echo("")
     typer.echo(
         f"QuPath overlay: {res.out_dir / 'cells.geojson.gz'}  (open {slide} in QuPath, then drag it in;"

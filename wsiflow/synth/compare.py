@@ -33,6 +33,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from wsiflow.aggregate import SlideSummary
 from wsiflow.errors import OutputError
 from wsiflow.synth.cells import CLASS_CODES, LINEAGE_OF
 from wsiflow.synth.layout import LINEAGES
@@ -56,7 +57,7 @@ class Detections:
     x: NDArray[np.float64]
     y: NDArray[np.float64]
     code: tuple[str, ...]  # predicted class code ("" when unclassified)
-    summary: Mapping[str, Any] | None = None  # SlideSummary.to_dict() of the run's summary.json, when found
+    summary: SlideSummary | None = None  # the run's summary.json (SlideRecord.summary), when found
     source: str = ""
 
 
@@ -174,11 +175,7 @@ def compare(truth: Truth, det: Detections, gate: float = GATE, dup_gate: float =
 
     fr: dict[str, dict[str, Any]] = {}
     tf, pf = _lineage_fractions(truth.code), _lineage_fractions(det.code)
-    run_lin = {}
-    if det.summary:
-        for item in det.summary.get("lineages", []) or []:
-            if isinstance(item, dict) and "lineage" in item:
-                run_lin[item["lineage"]] = item
+    run_lin = {item.lineage: item for item in det.summary.lineages} if det.summary else {}
     for lin in LINEAGES:
         (td, tn), (pd, pn) = tf[lin], pf[lin]
         t = td / tn if tn else None
@@ -191,15 +188,15 @@ def compare(truth: Truth, det: Detections, gate: float = GATE, dup_gate: float =
             "error": (p - t) if p is not None and t is not None else None,
         }
         if lin in run_lin:
-            lo, hi = run_lin[lin].get("ci_low"), run_lin[lin].get("ci_high")
-            row.update(ci_low=lo, ci_high=hi, flag=run_lin[lin].get("flag"))
+            lo, hi = run_lin[lin].ci_low, run_lin[lin].ci_high
+            row.update(ci_low=lo, ci_high=hi, flag=run_lin[lin].flag)
             if lo is not None and hi is not None and t is not None:
                 row["truth_in_ci"] = bool(lo <= t <= hi)
         fr[lin] = row
     tb = sum(1 for c in truth.code if c == "blast")
     pb = sum(1 for c in det.code if c == "blast")
     # the blast % over the run's own denominator (DESIGN §5): without megakaryocytes by default
-    rule = (det.summary or {}).get("denominator_rule")
+    rule = det.summary.denominator_rule if det.summary else None
     left_out = {"MN", "MD"} if rule == "nucleated-without-megakaryocytes" else set()
     nt_den = sum(1 for c in truth.code if c not in left_out)
     n_nuc_pred = sum(1 for c in det.code if c and c not in left_out)
@@ -210,11 +207,11 @@ def compare(truth: Truth, det: Detections, gate: float = GATE, dup_gate: float =
         "measured": p,
         "error": (p - t) if p is not None and t is not None else None,
     }
-    if det.summary and isinstance(det.summary.get("blast"), dict):
-        b = det.summary["blast"]
-        brow.update(ci_low=b.get("ci_low"), ci_high=b.get("ci_high"), band=b.get("band"))
-        if b.get("ci_low") is not None and t is not None:
-            brow["truth_in_ci"] = bool(b["ci_low"] <= t <= b["ci_high"])
+    if det.summary and det.summary.blast is not None:
+        b = det.summary.blast
+        brow.update(ci_low=b.ci_low, ci_high=b.ci_high, band=b.band)
+        if b.ci_low is not None and b.ci_high is not None and t is not None:
+            brow["truth_in_ci"] = bool(b.ci_low <= t <= b.ci_high)
     fr["blast"] = brow
     return Comparison(
         n_true=nt,
@@ -307,8 +304,7 @@ def find_slide_dir(out: str | os.PathLike[str], slide_stem: str | None = None) -
 def load_detections(slide_dir: str | os.PathLike[str]) -> Detections:
     d = Path(slide_dir)
     record = SlideRecord.load(d / "summary.json") if (d / "summary.json").is_file() else None
-    # the run's SlideSummary, as the dictionary compare() reads (a partial one in tests)
-    summary = record.summary.to_dict() if record is not None and record.summary is not None else None
+    summary = record.summary if record is not None else None
     if (d / "cells.zarr").exists():
         from wsiflow.writers.zarr_store import CellStore
 
