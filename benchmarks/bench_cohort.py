@@ -136,11 +136,11 @@ def cluster_block(
     client: Any, pipe: Any, refs: Any, bundles: Any, cohort: list[Path], single: Path, warm: Path, out: Path
 ) -> dict[str, Any]:
     from wsiflow.execution.runner import Runner, RunOptions
-    from wsiflow.execution.tasks import run_batch
+    from wsiflow.execution.tasks import batch_task
     from wsiflow.execution.worker import SlideRef
 
     tw = time.perf_counter()
-    client.run(run_batch, SlideRef(str(warm.resolve())), [], pipe, refs)  # every worker loads the models
+    client.run(batch_task, SlideRef(str(warm.resolve())), [], pipe, refs)  # every worker loads the models
     Runner(client, pipe, refs, bundles, RunOptions(out=out / "warm", overwrite=True)).run([str(warm)])
     block: dict[str, Any] = {"warmup_s": round(time.perf_counter() - tw, 2)}
     block["single"] = run_config(client, pipe, refs, bundles, [single], out / "single", True, "single")
@@ -161,26 +161,26 @@ def fixed_cost_task(tile_s: float) -> Callable[..., Any]:
     """The simulated task: ``tile_s`` of sleep per tile, no cells (defined in ``__main__``, so
     Dask ships it by value; the workers never load a model)."""
 
-    def run_batch(slide_ref: Any, tiles: Any, pipeline: Any, models: Any, rois: Any = None) -> Any:
+    def batch_task(slide_ref: Any, tiles: Any, pipeline: Any, models: Any, rois: Any = None) -> Any:
         from wsiflow.cells import CellTable
         from wsiflow.execution.tasks import BatchResult
 
         time.sleep(tile_s * len(tiles))
         return BatchResult(CellTable.empty(len(pipeline.taxonomy)))
 
-    return run_batch
+    return batch_task
 
 
 @contextmanager
 def fixed_cost_tasks(tile_s: float) -> Iterator[None]:
     import wsiflow.execution.runner as runner_mod
 
-    real = runner_mod.run_batch
-    runner_mod.run_batch = fixed_cost_task(tile_s)  # type: ignore[assignment]
+    real = runner_mod.batch_task
+    runner_mod.batch_task = fixed_cost_task(tile_s)  # type: ignore[assignment]
     try:
         yield
     finally:
-        runner_mod.run_batch = real  # type: ignore[assignment]
+        runner_mod.batch_task = real  # type: ignore[assignment]
 
 
 def sim_pipeline(pipeline_path: Path, work: Path) -> Path:

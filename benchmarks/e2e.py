@@ -53,7 +53,7 @@ def run_on_cluster(
         runner = Runner(
             session.client, pipe, refs, bundles, RunOptions(out=out, overwrite=True, batch_tiles=batch_tiles)
         )
-        from wsiflow.execution.tasks import run_batch
+        from wsiflow.execution.tasks import batch_task
         from wsiflow.execution.worker import SlideRef
 
         if torch_threads is not None:
@@ -63,7 +63,7 @@ def run_on_cluster(
             res["torch_threads"] = torch_threads
 
         tw = time.perf_counter()
-        session.client.run(run_batch, SlideRef(str(Path(slides[0]).resolve())), [], pipe, refs)
+        session.client.run(batch_task, SlideRef(str(Path(slides[0]).resolve())), [], pipe, refs)
         res["model_load_s"] = round(time.perf_counter() - tw, 2)
         res["batch_tiles"] = batch_tiles or pipe.tiling.batch_tiles
         if warm is not None:

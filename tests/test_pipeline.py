@@ -13,7 +13,7 @@ from standins import TILE_UM_A, TILE_UM_B, match_centres, standin_pipeline, writ
 from wsiflow.cells import ID_TILE_SHIFT, CellTable
 from wsiflow.config import Pipeline, parse_pipeline
 from wsiflow.errors import BundleIntegrityError, ModelError, SlideError
-from wsiflow.execution.tasks import TaskError, run_batch
+from wsiflow.execution.tasks import TaskError, batch_task
 from wsiflow.execution.worker import (
     ModelRefs,
     SlideRef,
@@ -139,11 +139,11 @@ def test_worker_errors_are_scoped(tmp_path: Path, smear, run_a) -> None:
     with pytest.raises(SlideError):
         process_batch(get_slide(missing), grid.tiles[:1], pipe, get_models(refs, pipe))
     with pytest.raises(TaskError) as exc:
-        run_batch(missing, grid.tiles[:1], pipe, refs)
+        batch_task(missing, grid.tiles[:1], pipe, refs)
     assert exc.value.scope == "slide" and "gone.svs" in str(exc.value)
     bad_refs = ModelRefs(refs.segmenter, "f" * 64, refs.classifier, refs.classifier_sha256, "cpu")
     with pytest.raises(TaskError) as exc:
-        run_batch(SlideRef(str(smear[0])), grid.tiles[:1], pipe, bad_refs)
+        batch_task(SlideRef(str(smear[0])), grid.tiles[:1], pipe, bad_refs)
     assert exc.value.scope == "run" and "sha256" in str(exc.value)
 
 
@@ -156,7 +156,7 @@ def test_unreadable_tile_is_a_tile_error(shared_data: Path, standin_models) -> N
     s = get_slide(SlideRef(str(path)))
     grid = TileGrid.from_pipeline(*s.dimensions, s.mpp or 0.5, pipe)
     with pytest.raises(TaskError) as exc:
-        run_batch(SlideRef(str(path)), grid.tiles, pipe, refs)
+        batch_task(SlideRef(str(path)), grid.tiles, pipe, refs)
     assert exc.value.scope == "tile"
     clear_caches()
 

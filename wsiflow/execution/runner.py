@@ -66,7 +66,7 @@ from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError, OutputError, SlideError, WsiflowError
 from wsiflow.execution.cluster import ClusterOptions, ClusterSession, connect
 from wsiflow.execution.preflight import check_cluster
-from wsiflow.execution.tasks import BatchResult, TaskError, run_batch
+from wsiflow.execution.tasks import BatchResult, TaskError, batch_task
 from wsiflow.execution.worker import ModelRefs, SlideRef, resolve_models
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.pipeline.finish import (
@@ -413,17 +413,17 @@ class Runner:
         with output_lock(self.options.out):  # one writer per output folder
             self.reporter.run_started(len(inputs))
             if self.options.overlap:
-                results = self._run_overlapped(inputs, dirs)
+                results = self._overlapping(inputs, dirs)
             else:
-                results = self._run_sequential(inputs, dirs)
+                results = self._one_at_a_time(inputs, dirs)
             if self.options.report:
                 record_run(self.options.out, self.reporter.note)
             return results
 
-    def _run_sequential(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
+    def _one_at_a_time(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
         results: list[SlideResult] = []
         for path in inputs:
-            result = self.run_slide(path, dirs[path])
+            result = self.one_slide(path, dirs[path])
             results.append(result)
             self._record(result, self.reporter.note)
             self.reporter.slide_finished(result)
@@ -443,12 +443,12 @@ class Runner:
 
     # ------------------------------------------------------------------ one slide
 
-    def run_slide(self, path: str, out_dir: Path) -> SlideResult:
+    def one_slide(self, path: str, out_dir: Path) -> SlideResult:
         """One slide, start to finish, on this thread (the sequential path)."""
         t0 = time.perf_counter()
         result = SlideResult(path=path, name=slide_name(path), out_dir=out_dir, status=STATUS_ERROR)
         try:
-            self._run_slide(_SlideRun(0, result, out_dir, t0))
+            self._compute_and_finish(_SlideRun(0, result, out_dir, t0))
         except Exception as exc:
             self._slide_failed(result, self._failure(exc, path, out_dir), self.reporter.note)
         result.seconds = time.perf_counter() - t0
@@ -544,7 +544,7 @@ class Runner:
         finished = CellStore.open(s.out_dir / "cells.zarr")  # read-only
         self._summarized(summarize_store(s.plan, finished, self.pipeline), s.result)
 
-    def _run_slide(self, s: _SlideRun) -> None:
+    def _compute_and_finish(self, s: _SlideRun) -> None:
         self._prepare(s)
         if s.store is None:
             self.reporter.note(self._already_complete(s))
@@ -581,7 +581,7 @@ class Runner:
 
     def _submit(self, plan: SlidePlan, batch: _Batch) -> Future:
         return self.client.submit(
-            run_batch,
+            batch_task,
             SlideRef(path=plan.path, mpp=self.options.mpp, backend=self.options.backend,
                      storage=self.options.storage),
             batch.tiles,
@@ -693,7 +693,7 @@ class Runner:
         self._record(s.result, notes.append)
         return notes
 
-    def _run_overlapped(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
+    def _overlapping(self, inputs: Sequence[str], dirs: dict[str, Path]) -> list[SlideResult]:
         slides = [
             _SlideRun(i, SlideResult(path=p, name=slide_name(p), out_dir=d, status=STATUS_ERROR), d)
             for i, (p, d) in enumerate((p, dirs[p]) for p in inputs)

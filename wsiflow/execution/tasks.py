@@ -24,7 +24,7 @@ from wsiflow.pipeline.batch import process_batch
 from wsiflow.roi import Rois
 from wsiflow.tiling import Tile
 
-__all__ = ["BatchResult", "Scope", "TaskError", "run_batch"]
+__all__ = ["BatchResult", "Scope", "TaskError", "batch_task"]
 
 Scope = Literal["run", "slide", "tile"]
 
@@ -54,7 +54,7 @@ class BatchResult:
     cut_cells: dict[int, int] = field(default_factory=dict)  # tile id → owned cells the read edge cut
 
 
-def run_batch(
+def batch_task(
     slide_ref: SlideRef,
     tiles: Sequence[Tile],
     pipeline: Pipeline,
