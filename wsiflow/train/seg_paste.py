@@ -28,7 +28,6 @@ Masks use the 0/128/255 convention (background / cytoplasm / nucleus).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import transform
 
+from wsiflow.atomic import atomic_path
 from wsiflow.train.seg_data import SegDataError, encode_mask, find_pairs, load_pair
 
 FEATHER_PX = 1.0
@@ -386,10 +386,8 @@ def write_paste_set(
     for i in range(n):
         img, mask = paste_field(fields, sprites, size, rng)
         for sub, arr in (("images", img), ("masks", mask)):
-            path = out / sub / f"paste_{i:05d}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            Image.fromarray(arr).save(tmp)
-            os.replace(tmp, path)
+            with atomic_path(out / sub / f"paste_{i:05d}.png", suffix=".tmp.png", fsync=False) as tmp:
+                Image.fromarray(arr).save(tmp)
     info = {
         "n": n,
         "size_px": size,
