@@ -65,6 +65,9 @@ def test_csv_manifest(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("path,label\nimg/x.png,cube\n")
     with pytest.raises(ConfigError, match="line 2"):
         discover(tmp_path / "bad.csv", classes=["disc"])
+    (tmp_path / "nolabel.csv").write_text("path,group\nimg/x.png,g0\n")
+    with pytest.raises(ConfigError, match="nolabel.csv.*needs columns path,label"):
+        discover(tmp_path / "nolabel.csv")
 
 
 @pytest.mark.slow

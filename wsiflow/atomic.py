@@ -14,13 +14,15 @@ The file ends with the permissions a plain ``open`` would give it (``0o666 & ~um
 naming the target (the errno, e.g. ENOSPC, is kept); on any error the temporary file is
 removed and ``path`` is left as it was.
 
-Its reading counterpart, :func:`read_json_object`, reads a JSON file that must hold an
-object (``summary.json``, a model card, store attributes) with one error line naming it.
+Its reading counterparts: :func:`read_json_object` reads a JSON file that must hold an
+object (``summary.json``, a model card, store attributes), :func:`read_csv_rows` a CSV file
+that must have some columns (labels, manifests), each with one error line naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import functools
 import os
@@ -31,7 +33,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from wsiflow.errors import OutputError, WsiflowError
+from wsiflow.errors import ConfigError, OutputError, WsiflowError
 
 __all__ = ["atomic_open", "atomic_path", "atomic_write_bytes", "fsync_dir", "output_error"]
 
@@ -63,6 +65,17 @@ def read_json_object(
     if not isinstance(data, dict):
         raise error(f"{p}: expected a JSON object")
     return data
+
+
+def read_csv_rows(path: Path, required: set[str], problem: str) -> tuple[list[dict[str, str]], set[str]]:
+    """The rows of the CSV file at ``path`` and its columns; a file without every column in
+    ``required`` is one :class:`ConfigError` naming it, with ``problem`` as the reason."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not required <= cols:
+            raise ConfigError(str(path), "", problem)
+        return list(reader), cols
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -9,7 +9,6 @@ Images are decoded once, resized to the network input, and cached as one uint8 a
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from wsiflow.atomic import read_csv_rows
 from wsiflow.errors import ConfigError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
@@ -92,12 +92,7 @@ def discover(data: str | Path, classes: Sequence[str] | None = None) -> Samples:
 
 
 def _discover_csv(path: Path, classes: Sequence[str] | None) -> Samples:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        if not {"path", "label"} <= cols:
-            raise ConfigError(str(path), "", "the manifest needs columns path,label[,group]")
-        rows = list(reader)
+    rows, cols = read_csv_rows(path, {"path", "label"}, "the manifest needs columns path,label[,group]")
     if not rows:
         raise ConfigError(str(path), "", "the manifest is empty")
     names = list(classes) if classes is not None else sorted({r["label"] for r in rows})

@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from wsiflow.atomic import atomic_write_bytes
+from wsiflow.atomic import atomic_write_bytes, read_csv_rows
 from wsiflow.classify import tile_crops
 from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError
@@ -176,12 +176,7 @@ def read_labels(path: Path) -> tuple[list[LabelRecord], int]:
 
 
 def _read_csv(path: Path) -> list[LabelRecord]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        if not {"id", "label"} <= cols:
-            raise ConfigError(str(path), "", "a labels CSV needs columns id,label[,slide]")
-        rows = list(reader)
+    rows, _ = read_csv_rows(path, {"id", "label"}, "a labels CSV needs columns id,label[,slide]")
     out: list[LabelRecord] = []
     for ln, r in enumerate(rows, start=2):
         ident, label = (r.get("id") or "").strip(), (r.get("label") or "").strip()
@@ -248,11 +243,10 @@ def _match(
 def _read_manifest(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not {"path", "label", "group", "cell_id"} <= set(reader.fieldnames or []):
-            raise ConfigError(str(path), "", "not a wsiflow harvest manifest (columns differ)")
-        return list(reader)
+    rows, _ = read_csv_rows(
+        path, {"path", "label", "group", "cell_id"}, "not a wsiflow harvest manifest (columns differ)"
+    )
+    return rows
 
 
 def harvest(
