@@ -66,7 +66,7 @@ def test_csv_manifest(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="line 2"):
         discover(tmp_path / "bad.csv", classes=["disc"])
     (tmp_path / "nolabel.csv").write_text("path,group\nimg/x.png,g0\n")
-    with pytest.raises(ConfigError, match="nolabel.csv.*needs columns path,label"):
+    with pytest.raises(ConfigError, match=r"nolabel\.csv.*needs columns path,label"):
         discover(tmp_path / "nolabel.csv")
 
 
