@@ -267,3 +267,24 @@ def write_leica_scn(
         macro_res = res * macro.shape[1] / collection_px[0]
         tw.write(macro, tile=(16, 16), resolution=(macro_res, macro_res), **opts)
     return path
+
+
+def tiny_classifier_card(codes: list[str]) -> dict[str, Any]:
+    """The card of a tiny random-weight InceptionV3 bundle with classes ``codes`` (bundle tests)."""
+    return {
+        "name": "tiny",
+        "task": "classifier",
+        "architecture": "inception_v3",
+        "kwargs": {"num_classes": len(codes), "aux_logits": False, "dropout": 0.5},
+        "classes": [
+            {"code": c, "name": c, "lineage": None, "dysplastic": False, "blast": False, "color": [1, 2, 3]}
+            for c in codes
+        ],
+        "input_px": 80,
+        "mpp": 0.5,
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "training_data": {"name": "none", "licence": "n/a", "description": "random weights"},
+        "metrics": {},
+        "split_seed": 0,
+        "demo": True,
+    }

@@ -10,32 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from standins import tiny_classifier_card
 
 from wsiflow.config import load_pipeline
 from wsiflow.errors import BundleIntegrityError, ModelError
 from wsiflow.models.bundle import ModelBundle, check_taxonomy, resolve_bundle, save_bundle
 from wsiflow.models.inception import build_inception_v3
 from wsiflow.models.registry import build_model
-
-
-def _card(codes: list[str]) -> dict[str, Any]:
-    return {
-        "name": "tiny",
-        "task": "classifier",
-        "architecture": "inception_v3",
-        "kwargs": {"num_classes": len(codes), "aux_logits": False, "dropout": 0.5},
-        "classes": [
-            {"code": c, "name": c, "lineage": None, "dysplastic": False, "blast": False, "color": [1, 2, 3]}
-            for c in codes
-        ],
-        "input_px": 80,
-        "mpp": 0.5,
-        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        "training_data": {"name": "none", "licence": "n/a", "description": "random weights"},
-        "metrics": {},
-        "split_seed": 0,
-        "demo": True,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +31,7 @@ def model() -> torch.nn.Module:
 
 
 def test_round_trip_identical_outputs(model: torch.nn.Module, tmp_path: Path) -> None:
-    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    bundle = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
     assert (tmp_path / "tiny.json").is_file()
     card = json.loads((tmp_path / "tiny.json").read_text())
     assert card["format"] == "wsiflow-bundle/1" and card["sha256"] == bundle.sha256
@@ -64,8 +45,8 @@ def test_round_trip_identical_outputs(model: torch.nn.Module, tmp_path: Path) ->
 
 
 def test_fp16_storage_loads_as_float32(model: torch.nn.Module, tmp_path: Path) -> None:
-    full = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "full.safetensors")
-    half = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "half.safetensors", fp16=True)
+    full = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "full.safetensors")
+    half = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "half.safetensors", fp16=True)
     assert half.weights_path.stat().st_size < 0.6 * full.weights_path.stat().st_size
     assert all(t.dtype != torch.float16 for t in half.state_dict().values())
     x = torch.rand(2, 3, 80, 80)
@@ -75,14 +56,14 @@ def test_fp16_storage_loads_as_float32(model: torch.nn.Module, tmp_path: Path) -
 
 
 def test_sha256_pin_mismatch_refused(model: torch.nn.Module, tmp_path: Path) -> None:
-    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    bundle = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
     ModelBundle.load(bundle.weights_path, expected_sha256=bundle.sha256)  # the right pin loads
     with pytest.raises(BundleIntegrityError, match="does not match the pinned"):
         ModelBundle.load(bundle.weights_path, expected_sha256="0" * 64)
 
 
 def test_changed_weights_refused(model: torch.nn.Module, tmp_path: Path) -> None:
-    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    bundle = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
     card = json.loads(bundle.card_path.read_text())
     card["sha256"] = "f" * 64
     bundle.card_path.write_text(json.dumps(card))
@@ -101,11 +82,12 @@ def test_pickle_suffix_refused(tmp_path: Path, suffix: str, model: torch.nn.Modu
 def test_pickle_disguised_as_safetensors_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps({"a": 1}))
-    (tmp_path / "evil.json").write_text(json.dumps({**_card(["a", "b"]), "sha256": "0" * 64, "format": "x"}))
+    card = {**tiny_classifier_card(["a", "b"]), "sha256": "0" * 64, "format": "x"}
+    (tmp_path / "evil.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="pickle"):
         resolve_bundle(path)
     with pytest.raises(ModelError, match="pickle"):
-        save_bundle(torch.nn.Linear(1, 1), _card(["a", "b"]), tmp_path / "out.pt")
+        save_bundle(torch.nn.Linear(1, 1), tiny_classifier_card(["a", "b"]), tmp_path / "out.pt")
 
 
 def test_unknown_name_and_bad_card(tmp_path: Path) -> None:
@@ -121,14 +103,14 @@ def test_unknown_name_and_bad_card(tmp_path: Path) -> None:
 
 def test_taxonomy_mismatch_refused() -> None:
     pipe = load_pipeline("mds")
-    good = _card(list(pipe.class_codes))
+    good = tiny_classifier_card(list(pipe.class_codes))
     check_taxonomy(good, pipe)
     swapped = copy.deepcopy(good)
     swapped["classes"][0], swapped["classes"][1] = swapped["classes"][1], swapped["classes"][0]
     with pytest.raises(ModelError, match="must match"):
         check_taxonomy(swapped, pipe)
     with pytest.raises(ModelError, match="must match"):
-        check_taxonomy(_card(["a", "b", "c"]), pipe)
+        check_taxonomy(tiny_classifier_card(["a", "b", "c"]), pipe)
 
 
 def test_shipped_pbc8_verifies() -> None:
@@ -194,7 +176,7 @@ def test_shipped_cards_are_all_there() -> None:
 def test_a_bad_card_is_one_line_naming_the_file(
     tmp_path: Path, model: torch.nn.Module, change: dict[str, Any], message: str
 ) -> None:
-    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    bundle = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
     doc = json.loads(bundle.card_path.read_text())
     for key, value in change.items():
         if value is None:

@@ -4,11 +4,11 @@ card carries T without touching the weights, and the pipeline's Classifier appli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from standins import tiny_classifier_card
 
 from wsiflow.classify import Classifier
 from wsiflow.config import ClassifierSpec
@@ -17,23 +17,6 @@ from wsiflow.models.bundle import ModelBundle, save_bundle, update_card
 from wsiflow.models.inception import build_inception_v3
 from wsiflow.train import calibration as C
 from wsiflow.train.evaluate import calibrate_classifier
-
-
-def _card(codes: list[str]) -> dict[str, Any]:
-    return {
-        "name": "tiny",
-        "task": "classifier",
-        "architecture": "inception_v3",
-        "kwargs": {"num_classes": len(codes), "aux_logits": False, "dropout": 0.5},
-        "classes": [{"code": c, "name": c, "color": [1, 2, 3]} for c in codes],
-        "input_px": 80,
-        "mpp": 0.5,
-        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        "training_data": {"name": "none", "licence": "n/a", "description": "random weights"},
-        "metrics": {},
-        "split_seed": 0,
-        "demo": True,
-    }
 
 
 def _tempered_sample(
@@ -89,7 +72,7 @@ def test_temperature_in_card_is_applied_by_the_pipeline_classifier(tmp_path: Pat
     with torch.no_grad():
         model(torch.rand(8, 3, 80, 80) * 4 - 2)
     model.eval()
-    bundle = save_bundle(model, _card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
+    bundle = save_bundle(model, tiny_classifier_card(["a", "b", "c"]), tmp_path / "tiny.safetensors")
     assert bundle.temperature == 1.0
     cfg = ClassifierSpec(bundle=str(bundle.weights_path), input_px=80)
     crops = np.random.default_rng(1).integers(0, 255, (6, 80, 80, 3), dtype=np.uint8)
