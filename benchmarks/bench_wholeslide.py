@@ -24,14 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench_memory import measure
-from common import SlideSpec, bench_pipeline, emit, log, machine, ratio, synth_slide
+from common import SlideSpec, bench_pipeline, emit, log, machine, ratio, synth_slide, tree_bytes
 from options import bench_parser
-
-
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _time_geojson(store_path: Path, work: Path, pipeline_path: Path) -> dict[str, Any]:
@@ -83,12 +77,13 @@ def main() -> None:
     geojson = next(iter(sorted(slide_out.glob("*.geojson*"))))
     cells = int(rb["cells"] or 0)
     per100k = 1e5 / cells if cells else float("nan")
+    zarr_bytes, geojson_bytes = tree_bytes(zarr_dir), tree_bytes(geojson)
     sizes = {
-        "zarr_bytes": _du(zarr_dir),
-        "geojson_bytes": _du(geojson),
+        "zarr_bytes": zarr_bytes,
+        "geojson_bytes": geojson_bytes,
         "geojson_file": geojson.name,
-        "zarr_mb_per_100k_cells": round(_du(zarr_dir) * per100k / 1e6, 1),
-        "geojson_mb_per_100k_cells": round(_du(geojson) * per100k / 1e6, 1),
+        "zarr_mb_per_100k_cells": round(zarr_bytes * per100k / 1e6, 1),
+        "geojson_mb_per_100k_cells": round(geojson_bytes * per100k / 1e6, 1),
     }
     gj = _time_geojson(zarr_dir, a.work, pipeline_path)
     gj["s_per_100k_cells"] = round(gj["wall_s"] * per100k, 2)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import emit, log, machine, ratio
+from common import emit, log, machine, ratio, tree_bytes
 from options import bench_parser
 
 
@@ -187,7 +187,7 @@ def bench_zarr(table: Any, tmp: Path, cells_per_append: int = 4000) -> dict[str,
     store.flush()
     store.finalize({})
     t_app = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    size = tree_bytes(path)
     log(f"B6 zarr append {len(table)} cells: {t_app:.2f} s")
     ro = CellStore.open(path, mode="r")
     tracemalloc.start()

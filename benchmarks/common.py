@@ -377,6 +377,13 @@ def run_cmd(
     return dt, p.stdout, p.stderr
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (a Zarr store)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def ratio(a: float | None, b: float | None, nd: int = 3) -> float | None:
     if a is None or b is None or b == 0:
         return None
