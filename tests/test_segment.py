@@ -52,6 +52,21 @@ def test_nucleus_markers_split_touching_and_merge_lobes() -> None:
     assert sorted(np.round(table.x).astype(int).tolist()) == pytest.approx([30, 54, 95], abs=2)
 
 
+def test_merge_solidity_joins_lobes_of_one_round_cell_not_touching_cells() -> None:
+    # left: one round cell (r 14) whose nucleus is two lobes 12 px apart (a bilobed
+    # eosinophil: the closing of min_distance cannot join them); right: two touching cells
+    # with one nucleus each, meeting at a waist
+    prob = discs((80, 160), [(35, 40, 14), (95, 40, 12), (118, 40, 12)])
+    nuc = discs((80, 160), [(29, 40, 4), (41, 40, 4), (95, 40, 5), (118, 40, 5)])
+    split, _ = instances_from_probs(prob, nuc, CFG, (0.0, 0.0), 1.0, MPP)
+    assert len(split) == 4  # without the rule the round cell is cut in two along a chord
+    merged, _ = instances_from_probs(
+        prob, nuc, CFG.model_copy(update={"merge_solidity": 0.95}), (0.0, 0.0), 1.0, MPP
+    )
+    assert sorted(np.round(merged.x).astype(int).tolist()) == pytest.approx([35, 95, 118], abs=2)
+    assert merged.area_um2[np.argmin(merged.x)] == pytest.approx(math.pi * 14**2 * MPP**2, rel=0.08)
+
+
 def test_size_limits_and_scores() -> None:
     # areas at 0.5 µm/px: r=3 px → 7 µm² (< 15, dropped); r=10 → 79 µm² (kept); r=60 → 2827 µm² (> 2000)
     prob = discs((300, 300), [(20, 20, 3), (60, 60, 10), (180, 180, 60)], value=0.8)

@@ -93,6 +93,10 @@ class SegmenterSpec(ModelRef):
     min_area_um2: float = Field(default=15.0, ge=0)
     max_area_um2: float = Field(default=12000.0, gt=0)
     min_distance_um: float = Field(default=3.0, gt=0)
+    merge_solidity: float | None = Field(default=None, gt=0, le=1)
+    """Touching instances whose union is at least this convex (area / convex-hull area) are
+    one cell: a lobed nucleus (a bilobed eosinophil) gives two watershed markers inside one
+    round cell. None: no merging."""
     simplify_um: float = Field(default=0.25, ge=0)
 
     @model_validator(mode="after")

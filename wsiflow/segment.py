@@ -10,8 +10,11 @@ by a marker watershed on the distance transform. Markers are the predicted nucle
 bundle has a nucleus channel (nucleus components closer than ``min_distance_um`` are
 merged, so a lobed neutrophil nucleus stays one cell), otherwise peaks of the distance
 transform at least ``min_distance_um`` apart; any cell region left without a marker keeps
-its own label. Polygons come from the label mask (marching squares on each cell's lightly blurred crop),
-simplified with shapely by ``simplify_um``.
+its own label. With ``merge_solidity``, touching instances whose union is that convex are
+merged back into one (two lobes far apart split a round cell along a straight line; two
+touching cells meet at a waist, so their union is less convex). Polygons come from the
+label mask (marching squares on each cell's lightly blurred crop), simplified with shapely
+by ``simplify_um``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from scipy import ndimage as ndi
 from shapely import Polygon
 from skimage.feature import peak_local_max
 from skimage.measure import find_contours
-from skimage.morphology import disk, remove_small_objects
+from skimage.morphology import convex_hull_image, disk, remove_small_objects
 from skimage.segmentation import watershed
 
 from wsiflow.cells import CellTable
@@ -197,7 +200,7 @@ def _labels(
     if nucleus is None:
         peaks = peak_local_max(dist, min_distance=min_px, labels=comp, exclude_border=False)
         markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    labels = _flood(comp, n_comp, markers, dist)
+    labels = _flood(comp, n_comp, markers, dist, cfg.merge_solidity)
     orphan = fg & (labels == 0)  # regions of the foreground that no marker reached
     if orphan.any():
         extra, _ = ndi.label(orphan)
@@ -206,7 +209,11 @@ def _labels(
 
 
 def _flood(
-    comp: NDArray[np.int32], n_comp: int, markers: NDArray[np.int32], dist: NDArray[np.float64]
+    comp: NDArray[np.int32],
+    n_comp: int,
+    markers: NDArray[np.int32],
+    dist: NDArray[np.float64],
+    merge_solidity: float | None = None,
 ) -> NDArray[np.int32]:
     """``watershed(-dist, markers, mask=comp > 0)``, computed per connected component: a component
     holding one marker label is that label entirely (what the flood gives it), one with none stays 0,
@@ -214,7 +221,8 @@ def _flood(
     Most cells stand alone, so this skips most of the tile's watershed work. Each component floods
     independently, so the labels are the global flood's except where two markers tie on a plateau
     of the distance map: such boundary pixels may go to the other neighbour (seen with nucleus
-    markers; with distance-peak markers the test finds the labels identical)."""
+    markers; with distance-peak markers the test finds the labels identical). ``merge_solidity``:
+    see :func:`_merge_convex`, applied to each flooded component."""
     hit = markers > 0
     pairs = np.unique(np.stack([comp[hit], markers[hit]]), axis=1)  # distinct (component, marker label)
     n_markers = np.bincount(pairs[0], minlength=n_comp + 1)
@@ -228,8 +236,39 @@ def _flood(
         assert sl is not None
         inside = comp[sl] == c
         flooded = watershed(-dist[sl], np.where(inside, markers[sl], 0), mask=inside)
+        if merge_solidity is not None:
+            flooded = _merge_convex(flooded, merge_solidity)
         labels[sl][inside] = flooded[inside]
     return labels
+
+
+def _merge_convex(lab: NDArray[np.int32], min_solidity: float) -> NDArray[np.int32]:
+    """Merge touching labels of one component while some touching pair's union has solidity
+    (area / convex-hull area) ≥ ``min_solidity``, the most convex union first. Two lobes of one
+    round cell split it along a chord (union solidity ≈ 1); two touching round cells meet at a
+    waist (two tangent discs: 0.88)."""
+    lab = lab.copy()
+    while True:
+        pairs = np.concatenate(
+            [
+                np.stack([lab[:, :-1].ravel(), lab[:, 1:].ravel()]),
+                np.stack([lab[:-1, :].ravel(), lab[1:, :].ravel()]),
+            ],
+            axis=1,
+        )
+        pairs = pairs[:, (pairs[0] > 0) & (pairs[1] > 0) & (pairs[0] != pairs[1])]
+        if pairs.shape[1] == 0:
+            return lab
+        pairs = np.unique(np.sort(pairs, axis=0), axis=1)
+        best: tuple[float, int, int] | None = None
+        for a, b in pairs.T:
+            union = (lab == a) | (lab == b)
+            solidity = float(union.sum()) / max(1.0, float(convex_hull_image(union).sum()))
+            if solidity >= min_solidity and (best is None or solidity > best[0]):
+                best = (solidity, int(a), int(b))
+        if best is None:
+            return lab
+        lab[lab == best[2]] = best[1]
 
 
 def cell_mask(prob: NDArray[np.float32], cfg: SegmenterSpec, mpp: float) -> NDArray[np.bool_]:
