@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wsiflow.errors import ConfigError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.train.seg_data import SegDataError, find_pairs, read_mask, write_generated
-from wsiflow.train.segmenter import TrainSegmenterConfig, dice_iou, train_segmenter
+from wsiflow.train.segmenter import TrainSegmenterConfig, dice_bce_loss, dice_iou, train_segmenter
 
 
 def test_mask_conventions(tmp_path: Path) -> None:
@@ -77,6 +78,52 @@ def test_training_smoke_reduces_loss(tmp_path: Path) -> None:
     events.clear()
     train_segmenter(cfg, lambda e, i: events.append((e, i)))
     assert any(e == "resume" for e, _ in events) and not any(e == "epoch" for e, _ in events)
+
+
+def test_unlabelled_pixels_carry_no_loss() -> None:
+    logits = torch.randn(2, 1, 16, 16)
+    target = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    known = torch.ones(2, 1, 16, 16)
+    known[:, :, :, 8:] = 0
+    base = dice_bce_loss(logits, target, None, known)
+    changed = logits.clone()
+    changed[:, :, :, 8:] = 50.0  # confident nonsense where nobody annotated
+    assert float(dice_bce_loss(changed, target, None, known)) == pytest.approx(float(base), rel=1e-6)
+    assert float(dice_bce_loss(changed, target)) != pytest.approx(float(dice_bce_loss(logits, target)))
+    # all known: the same loss as without the map
+    assert float(dice_bce_loss(logits, target, None, torch.ones_like(known))) == pytest.approx(
+        float(dice_bce_loss(logits, target)), rel=1e-5
+    )
+
+
+def test_partial_masks_train_and_bad_unlabelled_mask_is_one_line(tmp_path: Path) -> None:
+    write_generated(tmp_path / "data", 12, size=40, seed=3)
+    unl = tmp_path / "unlabelled"
+    unl.mkdir()
+    for p in sorted((tmp_path / "data" / "masks").iterdir())[:6]:
+        m = np.zeros((40, 40), np.uint8)
+        m[:, 20:] = 255  # right half of these fields not annotated
+        Image.fromarray(m).save(unl / p.name)
+    base = dict(
+        images=tmp_path / "data" / "images",
+        masks=tmp_path / "data" / "masks",
+        mpp=0.5,
+        depth=2,
+        width=4,
+        crop=32,
+        batch_size=4,
+        epochs=1,
+        val_fraction=0.25,
+        threads=1,
+        device="cpu",
+        unlabelled=unl,
+    )
+    b = train_segmenter(TrainSegmenterConfig(out=tmp_path / "p.safetensors", **base))  # type: ignore[arg-type]
+    assert "unlabelled pixels left out" in b.card["training"]["loss"]
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(unl / sorted(unl.iterdir())[0].name)
+    bad = r"unlabelled mask is \(10, 10\) px but the image is \(40, 40\) px"
+    with pytest.raises(SegDataError, match=bad):
+        train_segmenter(TrainSegmenterConfig(out=tmp_path / "q.safetensors", resume=False, **base))  # type: ignore[arg-type]
 
 
 def test_init_starts_from_a_bundle(tmp_path: Path) -> None:

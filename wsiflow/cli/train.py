@@ -178,6 +178,12 @@ def segmenter(
     ),
     out: Path = typer.Option(..., "-o", "--out", help="Bundle to write: NAME.safetensors (+ NAME.json)."),
     mpp: float = typer.Option(..., "--mpp", help="µm per pixel of the images as stored."),
+    unlabelled: Path | None = typer.Option(
+        None,
+        "--unlabelled",
+        help="Folder of masks with the same stems marking (>0) pixels nobody annotated: left out of "
+        "the loss (fields where only some cells are masked).",
+    ),
     target_mpp: float | None = typer.Option(
         None, "--target-mpp", help="µm/px the network works at (default --mpp)."
     ),
@@ -278,5 +284,6 @@ def segmenter(
         },
         notes=notes,
         init_from=init_from,
+        unlabelled=unlabelled,
     )
     train_segmenter(cfg, progress)

@@ -5,6 +5,12 @@ mask convention). Channel 0 of the network is "cell" (nucleus ∪ cytoplasm); wh
 mask marks nuclei (three-level 0/128/255 masks) a second "nucleus" channel is trained,
 its loss counted only on images whose mask says where the nucleus is.
 
+Partial annotation: with ``unlabelled`` (a folder of masks with the same file stems, ``>0``
+= pixels nobody annotated), those pixels are left out of the loss and of validation, so a
+field whose masks mark only some cells (a lab's partial labels, the SegPC layout) teaches
+"these are cells" and "this is background" without teaching "the unmarked cells are
+background". Images without such a file are fully annotated.
+
 The split (validation fraction, seed) is saved in the work folder and the card; every
 epoch writes a resumable checkpoint (safetensors + JSON, never pickle); the epoch with
 the best validation Dice becomes the bundle. Validation reports Dice and IoU of the cell
@@ -31,7 +37,15 @@ from wsiflow.models.bundle import ModelBundle, save_bundle
 from wsiflow.models.card import CardClass, CardContent, Normalization
 from wsiflow.models.unet import UNet
 from wsiflow.train import common
-from wsiflow.train.seg_data import SegPair, find_pairs, load_pair, resample_pair
+from wsiflow.train.seg_data import (
+    IMAGE_SUFFIXES,
+    SegDataError,
+    SegPair,
+    find_pairs,
+    load_pair,
+    read_mask,
+    resample_pair,
+)
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -74,6 +88,8 @@ class TrainSegmenterConfig:
     init_from: str | None = None
     """Segmenter bundle (shipped name or path) whose weights and input normalisation start the
     training (fine-tuning); its architecture must match ``depth``/``width`` and the channels."""
+    unlabelled: Path | None = None
+    """Folder of masks (same stems as ``images``): ``>0`` marks pixels left out of the loss."""
     training_data: dict[str, Any] = field(default_factory=dict)
     extra_card: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
@@ -83,22 +99,39 @@ class TrainSegmenterConfig:
 class _Sample:
     name: str
     rgb: NDArray[np.uint8]
-    target: NDArray[np.float32]  # (2, H, W): cell, nucleus
+    target: NDArray[np.float32]  # (3, H, W): cell, nucleus, known (1 = annotated pixel)
     has_nucleus: bool
 
 
 def _load(cfg: TrainSegmenterConfig) -> list[_Sample]:
     work_mpp = cfg.target_mpp or cfg.mpp
     out: list[_Sample] = []
+    unknown = _unlabelled(cfg.unlabelled) if cfg.unlabelled is not None else {}
     for img_path, mask_path in find_pairs(cfg.images, cfg.masks):
         pair: SegPair = load_pair(img_path, mask_path)
         nuc = pair.nucleus if pair.nucleus is not None else np.zeros_like(pair.cell)
-        rgb, (cell, nuc) = pair.rgb, (pair.cell, nuc)
+        known = np.ones_like(pair.cell)
+        if img_path.stem in unknown:
+            skip, _ = read_mask(unknown[img_path.stem])
+            if skip.shape != known.shape:
+                raise SegDataError(
+                    f"{unknown[img_path.stem]}: unlabelled mask is {skip.shape[::-1]} px "
+                    f"but the image is {known.shape[::-1]} px"
+                )
+            known = ~skip | pair.cell  # annotated cells stay supervised
+        rgb, (cell, nuc, known) = pair.rgb, (pair.cell, nuc, known)
         if abs(work_mpp - cfg.mpp) > 1e-6:
-            rgb, (cell, nuc) = resample_pair(rgb, (cell, nuc), cfg.mpp, work_mpp)
-        target = np.stack([cell, nuc]).astype(np.float32)
+            rgb, (cell, nuc, known) = resample_pair(rgb, (cell, nuc, known), cfg.mpp, work_mpp)
+        target = np.stack([cell, nuc, known]).astype(np.float32)
         out.append(_Sample(pair.name, rgb, target, pair.nucleus is not None))
     return out
+
+
+def _unlabelled(folder: Path) -> dict[str, Path]:
+    """Stem → unlabelled-pixel mask file in ``folder``."""
+    if not folder.is_dir():
+        raise SegDataError(f"{folder}: not a folder of unlabelled-pixel masks")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
 def _split(names: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -151,15 +184,25 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
 
 
 def dice_bce_loss(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BCE + (1 − soft Dice) per channel, averaged; ``weight`` (N, C) masks images per channel."""
+    """BCE + (1 − soft Dice) per channel, averaged; ``weight`` (N, C) masks images per channel,
+    ``known`` (N, 1, H, W) pixels (0 = unlabelled: no loss there)."""
     if weight is None:
         weight = torch.ones(logits.shape[:2], device=logits.device)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))  # (N, C)
+    bce_px = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p = torch.sigmoid(logits)
-    inter = (p * target * weight[..., None, None]).sum(dim=(0, 2, 3))
-    denom = ((p + target) * weight[..., None, None]).sum(dim=(0, 2, 3))
+    if known is None:
+        bce = bce_px.mean(dim=(2, 3))  # (N, C)
+        w_px = weight[..., None, None]
+    else:
+        bce = (bce_px * known).sum(dim=(2, 3)) / known.sum(dim=(2, 3)).clamp_min(1)
+        w_px = weight[..., None, None] * known
+    inter = (p * target * w_px).sum(dim=(0, 2, 3))
+    denom = ((p + target) * w_px).sum(dim=(0, 2, 3))
     dice = (2 * inter + 1) / (denom + 1)  # (C,)
     wsum = weight.sum(dim=0).clamp_min(1e-6)
     bce_c = (bce * weight).sum(dim=0) / wsum
@@ -193,9 +236,11 @@ def _validate(
         logits = model(_normalise(x, mean, std))
         tgt = torch.from_numpy(s.target[:n_out])[None].to(device)
         w = torch.tensor([[1.0] + [float(s.has_nucleus)] * (n_out - 1)], device=device)
-        losses.append(float(dice_bce_loss(logits, tgt, w)))
-        pred = (logits[0, 0] > 0).cpu().numpy()
-        truth = s.target[0] > 0.5
+        known_np = s.target[2] > 0.5
+        known = torch.from_numpy(s.target[2:3])[None].to(device)
+        losses.append(float(dice_bce_loss(logits, tgt, w, known)))
+        pred = (logits[0, 0] > 0).cpu().numpy() & known_np
+        truth = (s.target[0] > 0.5) & known_np
         d, i = dice_iou(pred, truth)
         if truth.any() or pred.any():
             dices.append(d)
@@ -318,7 +363,7 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             crops = [_crop(train_s[i], cfg.crop, rng) for i in idx]
             x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float().div(255)
-            y = torch.from_numpy(np.stack([c[1][:n_out] for c in crops]))
+            y = torch.from_numpy(np.stack([np.concatenate([c[1][:n_out], c[1][2:3]]) for c in crops]))
             if rng.random() < 0.5:  # scale augmentation (±25%), whole batch
                 f = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
                 size = max(16, round(cfg.crop * f))
@@ -327,8 +372,9 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
             x = _colour_jitter(x, gen)
             w = torch.tensor([[1.0] + [float(train_s[i].has_nucleus)] * (n_out - 1) for i in idx])
             x, y, w = x.to(device), y.to(device), w.to(device)
+            y, known = y[:, :n_out], y[:, n_out:]
             logits = model(_normalise(x, mean, std))
-            loss = dice_bce_loss(logits, y, w)
+            loss = dice_bce_loss(logits, y, w, known)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -398,7 +444,9 @@ def train_segmenter(cfg: TrainSegmenterConfig, progress: ProgressFn | None = Non
         split_seed=cfg.seed,
         split={"val_fraction": cfg.val_fraction, "n_train": len(train_s), "n_val": len(val_s)},
         training={
-            "loss": "BCE + soft Dice per channel (nucleus channel only on images with nucleus masks)",
+            "loss": "BCE + soft Dice per channel (nucleus channel only on images with nucleus masks"
+            + ("; unlabelled pixels left out" if cfg.unlabelled is not None else "")
+            + ")",
             "optimizer": "AdamW" if cfg.weight_decay > 0 else "Adam",
             "lr": cfg.lr,
             "schedule": cfg.schedule,
