@@ -100,11 +100,15 @@ def test_evaluate_partial_layout(tmp_path: Path) -> None:
         mask = np.zeros((100, 100), np.uint8)
         mask[_disc((100, 100), 40, 40, 10)] = 255
         mask[_disc((100, 100), 70, 75, 8)] = 255  # never detected
+        # two cells joined in one mask by a thin bridge (a merged suspect), never detected
+        mask[_disc((100, 100), 15, 70, 6) | _disc((100, 100), 33, 70, 6)] = 255
+        mask[15:33, 69:71] = 255
         Image.fromarray(rgb).save(tmp_path / "images" / f"{i}.jpg")
         Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.jpg")
     res = evaluate_partial(FakeSeg(), tmp_path, 0.5, "all")  # type: ignore[arg-type]
-    assert res["n_images"] == 4 and res["masked_cells"] == 8
-    assert res["recall"] == pytest.approx(0.5) and res["one_to_one"] == pytest.approx(0.5)
+    assert res["n_images"] == 4 and res["masked_cells"] == 12 and res["merged_suspects"] == 4
+    assert res["recall"] == pytest.approx(1 / 3) and res["one_to_one"] == pytest.approx(1 / 3)
+    assert res["one_to_one_single_masks"] == pytest.approx(0.5)  # the merged masks left out
     assert res["band_detections"] == 0
     test = evaluate_partial(FakeSeg(), tmp_path, 0.5, "test")  # type: ignore[arg-type]
     tune = evaluate_partial(FakeSeg(), tmp_path, 0.5, "tune")  # type: ignore[arg-type]

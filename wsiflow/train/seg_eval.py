@@ -176,11 +176,13 @@ def evaluate_segmenter(
         dw.writerows(pres["per_image"])
         _write_atomic(out_dir / "per_image.csv", buf.getvalue())
         md += [
-            "| split | µm/px | fields | masked cells | recall | one-to-one (IoU ≥ 0.5) | median IoU "
+            "| split | µm/px | fields | masked cells (merged suspects) | recall | one-to-one (IoU ≥ 0.5) "
+            "| one-to-one, single-cell masks | median IoU "
             "| detections | on letterbox band (fields) | unmatched detections |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-            f"| {split} | {m} | {pres['n_images']} | {pres['masked_cells']} | {pres['recall']:.4f} | "
-            f"{pres['one_to_one']:.4f} | {pres['median_best_iou']:.3f} | {pres['detections']} | "
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {split} | {m} | {pres['n_images']} | {pres['masked_cells']} ({pres['merged_suspects']}) | "
+            f"{pres['recall']:.4f} | {pres['one_to_one']:.4f} | {pres['one_to_one_single_masks']:.4f} | "
+            f"{pres['median_best_iou']:.3f} | {pres['detections']} | "
             f"{pres['band_detections']} ({pres['fields_with_band_detections']}) | "
             f"{pres['unmatched_detections']} |",
         ]
