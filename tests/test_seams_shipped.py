@@ -1,7 +1,7 @@
 """Every cell exactly once with the shipped segmenters (issue 15 §1): the same cells, ids
 aside, whatever the tile size. Generated marrow (demo-seg + mds-demo) with cells laid on the
 seams of both grids (megakaryocytes and touching clusters among them), and a real-pixel PBC
-mosaic (smear-seg + pbc8, ../shared/data/pbc through ../shared/tools/composite_slide.py)."""
+mosaic (pb-differential: marrow-seg + pbc8, ../shared/data/pbc through ../shared/tools/composite_slide.py)."""
 
 from __future__ import annotations
 
