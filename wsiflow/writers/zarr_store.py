@@ -376,7 +376,8 @@ class CellStore:
             raise ValueError(f"not per-cell columns: {bad!r}")
         n = self._n_cells
         sel = self.kept_rows() if rows is None else np.asarray(rows, np.int64)
-        whole = len(sel) == n  # rows are distinct store rows: all of them, in order
+        # all rows in order (kept rows are distinct and sorted): the columns as read, no copy
+        whole = len(sel) == n and (rows is None or bool((sel == np.arange(n)).all()))
         out: dict[str, np.ndarray] = {}
         for name in names:
             values = np.asarray(self._arr(f"cells/{name}")[:n], DTYPES[name])
@@ -384,7 +385,7 @@ class CellStore:
                 values = values.reshape(n, self.n_classes)
             elif name == "bbox":
                 values = values.reshape(n, 4)
-            out[name] = values if whole and rows is None else values[sel]
+            out[name] = values if whole else values[sel]
         return out
 
     def polygons(self, rows: NDArray[np.integer]) -> list[NDArray[np.float32]]:
