@@ -277,7 +277,10 @@ def main() -> None:
     ap.add_argument("--cells-per-tile", type=int, default=254, help="runner: cells per tile (B9: 254)")
     ap.add_argument("--tile-s", type=float, default=0.05, help="runner: seconds of sleep per tile")
     ap.add_argument("--flush-s", type=float, default=0.2, help="runner: store checkpoint interval")
-    ap.add_argument("--skip-runner", action="store_true")
+    ap.add_argument("--parts", default="plan,finish,runner", help="which measurements (comma-separated)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runner: runs of each slide (peaks vary run to run)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = ap.parse_args()
     import wsiflow
@@ -293,30 +296,46 @@ def main() -> None:
         "wsiflow": str(Path(wsiflow.__file__).parent),
         "slides": {"small": small.name, "big": big.name},
     }
-    result["plan"] = {"small": child("plan", str(small)), "big": child("plan", str(big))}
-    result["plan"]["ratio"] = ratio(result["plan"]["big"]["peak_mb"], result["plan"]["small"]["peak_mb"])
-    log(f"plan: {result['plan']}")
+    parts = set(a.parts.split(","))
+    if "plan" in parts:
+        result["plan"] = {"small": child("plan", str(small)), "big": child("plan", str(big))}
+        result["plan"]["ratio"] = ratio(result["plan"]["big"]["peak_mb"], result["plan"]["small"]["peak_mb"])
+        log(f"plan: {result['plan']}")
+    if "finish" in parts:
+        result["finish"] = measure_finish(a.work, big, cells)
+    if "runner" in parts:
+        result["runner"] = measure_runner(a, small, big)
+    emit(result)
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def measure_finish(work: Path, big: Path, cells: list[int]) -> dict[str, Any]:
     finish: dict[str, Any] = {}
     for n in cells:
-        folder = a.work / "client" / f"store_{n}"
+        folder = work / "client" / f"store_{n}"
         if not (folder / "plan.pkl").is_file():
             child("build", str(big), str(n), str(folder))
         finish[str(n)] = child("finish", str(folder))
         log(f"finish {n} cells: {finish[str(n)]}")
     base = finish[str(cells[0])]["peak_mb"]
     finish["ratio_vs_first"] = {str(n): ratio(finish[str(n)]["peak_mb"], base) for n in cells}
-    result["finish"] = finish
-    if not a.skip_runner:
-        run: dict[str, Any] = {}
+    return finish
+
+
+def measure_runner(a: Any, small: Path, big: Path) -> dict[str, Any]:
+    """Small and big slide alternately, ``--repeat`` times; the ratio of each pair."""
+    run: dict[str, Any] = {"small": [], "big": []}
+    args = [str(a.cells_per_tile), str(a.tile_s), str(a.flush_s)]
+    for _ in range(max(1, a.repeat)):
         for label, slide in (("small", small), ("big", big)):
-            args = [str(a.cells_per_tile), str(a.tile_s), str(a.flush_s)]
-            run[label] = child("runner", str(slide), str(a.work / "client" / f"run_{label}"), *args)
-            log(f"runner {label}: {run[label]}")
-        run["ratio"] = ratio(run["big"]["peak_mb"], run["small"]["peak_mb"])
-        result["runner"] = run
-    emit(result)
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+            run[label].append(child("runner", str(slide), str(a.work / "client" / f"run_{label}"), *args))
+            log(f"runner {label}: {run[label][-1]}")
+    run["ratios"] = [ratio(b["peak_mb"], s["peak_mb"]) for s, b in zip(run["small"], run["big"], strict=True)]
+    run["ratio_of_max"] = ratio(
+        max(r["peak_mb"] for r in run["big"]), max(r["peak_mb"] for r in run["small"])
+    )
+    return run
 
 
 if __name__ == "__main__":
