@@ -165,6 +165,31 @@ def test_select_gallery_picks_confident_and_borderline_cells() -> None:
     assert len(big.top[0]) == 6 and len(big.borderline[0]) == 6 and len(big.all_indices()) == 12
 
 
+def test_per_cell_steps_do_not_depend_on_their_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsiflow.writers import figures, report_cells
+
+    rng = np.random.default_rng(4)
+    n, k = 5000, 4
+    x, y = rng.uniform(-20, 220, n), rng.uniform(-20, 170, n)  # some dots cut by the edge, some outside
+    cid = rng.integers(-1, k, n).astype(np.int16)
+    probs = rng.dirichlet(np.ones(k), n).astype(np.float32)
+    image = np.full((150, 200, 3), 240, np.uint8)
+    palette = rng.integers(0, 255, (k, 3)).astype(np.uint8)
+    whole = (
+        figures.stamp_cells(image, x, y, cid, palette, 3),
+        report_cells.select_gallery(cid, probs, k, 5),
+        report_cells.densest_window(x * 40, y * 40, (1200.0, 800.0), (8000, 6000)),
+    )
+    monkeypatch.setattr(figures, "_STAMP_BLOCK", 7)
+    monkeypatch.setattr(report_cells, "_BLOCK", 7)
+    stamped = figures.stamp_cells(image, x, y, cid, palette, 3)
+    gallery = report_cells.select_gallery(cid, probs, k, 5)
+    assert np.array_equal(stamped, whole[0])
+    assert all(np.array_equal(gallery.top[c], whole[1].top[c]) for c in range(k))
+    assert all(np.array_equal(gallery.borderline[c], whole[1].borderline[c]) for c in range(k))
+    assert report_cells.densest_window(x * 40, y * 40, (1200.0, 800.0), (8000, 6000)) == whole[2]
+
+
 def test_inadequate_slide_and_cohort_page(run) -> None:
     tiny = run["pages"]["tiny"].read_text(encoding="utf-8")
     ts = run["tiny_summary"]

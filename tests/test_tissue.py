@@ -102,3 +102,36 @@ def test_rejects_non_rgb_input() -> None:
         tissue_mask(np.zeros((10, 10), np.uint8), Tissue())
     with pytest.raises(ValueError, match="uint8 RGB"):
         tissue_mask(np.zeros((10, 10, 3), np.float32), Tissue())
+
+
+def _closing_whole(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The closing on the whole image at once (what the banded one must reproduce)."""
+    from scipy import ndimage as ndi
+
+    if not mask.any():
+        return mask
+    dilated = ndi.distance_transform_edt(~mask) <= radius
+    if dilated.all():
+        return dilated
+    return np.asarray(ndi.distance_transform_edt(dilated) > radius, bool)
+
+
+def test_banded_closing_is_the_whole_image_closing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsiflow import tissue
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        radius = int(rng.integers(1, 9))
+        mask = rng.random((h, w)) < rng.choice([0.0, 0.001, 0.02, 0.3, 0.9, 0.999, 1.0])
+        monkeypatch.setattr(tissue, "BAND_PX", int(rng.integers(1, 2000)))  # 1 row … whole image
+        assert np.array_equal(tissue._closing(mask, radius), _closing_whole(mask, radius)), (h, w, radius)
+
+
+def test_mask_does_not_depend_on_the_band_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsiflow import tissue
+
+    want = tissue_mask(_smear(), Tissue(), slide_size=(96 * DS, 64 * DS)).mask
+    for band in (1, 96 * 5, 96 * 64 - 1):
+        monkeypatch.setattr(tissue, "BAND_PX", band)
+        assert np.array_equal(tissue_mask(_smear(), Tissue(), slide_size=(96 * DS, 64 * DS)).mask, want)

@@ -109,6 +109,43 @@ def test_store_round_trip(tmp_path: Path) -> None:
     assert a["n_cells"] == len(want) and a["complete"] is True and "wsiflow_version" in a
 
 
+def test_row_reader_gathers_any_rows_across_chunks(tmp_path: Path) -> None:
+    import zarr
+
+    g = zarr.open_group(tmp_path / "r.zarr", mode="w", zarr_format=3)
+    data = np.arange(203 * 2, dtype=np.float32).reshape(203, 2)
+    arr = g.create_array("a", shape=data.shape, chunks=(7, 2), dtype=np.float32)
+    arr[:] = data
+    reader = zarr_store._RowReader(arr)
+    rng = np.random.default_rng(0)
+    for index in (
+        np.arange(203),  # in order: each chunk once
+        rng.permutation(203),  # any order: every chunk many times, through the small cache
+        rng.integers(0, 203, 500),  # repeats
+        np.array([202, 0, 6, 7, 202]),  # the last, partial chunk
+        np.zeros(0, np.int64),
+    ):
+        assert np.array_equal(reader.take(index), data[index])
+        assert len(reader._cache) <= zarr_store.CACHED_CHUNKS
+
+
+def test_sorted_stream_is_the_sorted_table_whatever_the_commit_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tiles committed out of order into small stored chunks: the stream's table chunks
+    # gather rows from many of them, more than the reader caches
+    monkeypatch.setattr(zarr_store, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(zarr_store, "VERTEX_CHUNK_ROWS", 256)
+    store = CellStore.create(tmp_path / "c.zarr", n_tiles=30, n_classes=K, buffer_rows=1)
+    for t in np.random.default_rng(2).permutation(30):
+        store.append(make_table(int(t), 25), [int(t)])
+    store.flush()
+    ro = CellStore.open(tmp_path / "c.zarr")
+    want = ro.read_table().sorted()
+    for rows in (1, 37, 10_000):
+        assert CellTable.concat(list(ro.iter_sorted(rows=rows)), K).equals(want)
+
+
 def test_store_without_classes_round_trips(tmp_path: Path) -> None:
     store = CellStore.create(tmp_path / "c.zarr", n_tiles=2, n_classes=0)
     t = make_table(1, 30, k=0)

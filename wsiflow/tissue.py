@@ -14,7 +14,7 @@ full resolution.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -36,6 +36,7 @@ CLOSING_UM = 16.0  # join stained specks up to about two cell diameters apart
 MIN_OBJECT_UM = 24.0  # drop stained specks smaller than a square of this side
 THUMBNAIL_MAX_PX = 4096  # longest side of the thumbnail the mask is computed on
 THUMBNAIL_MIN_PX = 64
+BAND_PX = 1 << 18  # thumbnail pixels per band of rows for the per-pixel steps (bounded temporaries)
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,21 @@ def tissue_mask(
     if cfg.method == "none" or rgb.size == 0:
         return TissueMask(np.ones((h, w), bool), downsample)
 
-    sat = rgb2hsv(rgb)[..., 1]
-    od = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0).mean(axis=2)
+    # per pixel, a band of rows at a time (rgb2hsv alone holds ~90 bytes per pixel): what
+    # stays is the saturation (float64, for Otsu on the whole thumbnail) and a bool per pixel
+    sat = np.empty((h, w), np.float64)
+    absorbing = np.empty((h, w), bool)
+    for r0, r1 in _bands(h, w):
+        band = rgb[r0:r1]
+        sat[r0:r1] = rgb2hsv(band)[..., 1]
+        od = -np.log10(np.maximum(band.astype(np.float32), 1.0) / 255.0).mean(axis=2)
+        absorbing[r0:r1] = od >= cfg.min_od
     floor = cfg.min_saturation if cfg.min_saturation is not None else SATURATION_FLOOR
     t_sat = floor
     if np.ptp(sat) > 0:
         t_sat = max(floor, min(float(threshold_otsu(sat)), SATURATION_CEILING))
-    mask = (sat >= t_sat) & (od >= cfg.min_od)
+    mask = (sat >= t_sat) & absorbing
+    del sat, absorbing
 
     px_um = float(mpp if mpp is not None else cfg.thumbnail_mpp)
     radius = math.ceil(CLOSING_UM / px_um - 1e-9)
@@ -124,14 +133,52 @@ def slide_tissue_mask(slide: _Thumbnails, size: tuple[int, int], mpp: float, cfg
     return tissue_mask(thumb, cfg, mpp=thumb_mpp, slide_size=(w, h))
 
 
-def _closing(mask: NDArray[np.bool_], radius: float) -> NDArray[np.bool_]:
-    """Binary closing with a disc of ``radius`` px via distance transforms (cost independent of radius)."""
+def _bands(h: int, w: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of about :data:`BAND_PX` pixels covering an image of ``h`` rows of ``w``."""
+    step = max(1, BAND_PX // max(1, w))
+    for r0 in range(0, h, step):
+        yield r0, min(h, r0 + step)
+
+
+def _closing(mask: NDArray[np.bool_], radius: int) -> NDArray[np.bool_]:
+    """Binary closing with a disc of ``radius`` px via distance transforms (cost independent of
+    radius), a band of rows at a time: a pixel's result depends only on the pixels within
+    ``radius`` of it, so each band is computed with ``radius`` rows of context either side
+    and the result is the whole image's (the transform holds ~40 bytes per pixel)."""
     if not mask.any():
         return mask
-    dilated = ndi.distance_transform_edt(~mask) <= radius
+    dilated = _by_bands(mask, radius, _dilate)
     if dilated.all():
         return dilated
-    return np.asarray(ndi.distance_transform_edt(dilated) > radius, bool)
+    return _by_bands(dilated, radius, _erode)
+
+
+def _dilate(mask: NDArray[np.bool_], radius: int) -> NDArray[np.bool_]:
+    """Pixels within ``radius`` of a set pixel (none set: none)."""
+    if not mask.any():
+        return np.zeros_like(mask)
+    return np.asarray(ndi.distance_transform_edt(~mask) <= radius, bool)
+
+
+def _erode(mask: NDArray[np.bool_], radius: int) -> NDArray[np.bool_]:
+    """Pixels farther than ``radius`` from every unset pixel of the image (none unset: all;
+    beyond the image's edge counts as set, as the transform has it)."""
+    if mask.all():
+        return np.ones_like(mask)
+    return np.asarray(ndi.distance_transform_edt(mask) > radius, bool)
+
+
+def _by_bands(
+    mask: NDArray[np.bool_],
+    radius: int,
+    op: Callable[[NDArray[np.bool_], int], NDArray[np.bool_]],
+) -> NDArray[np.bool_]:
+    h, w = mask.shape
+    out = np.empty_like(mask)
+    for r0, r1 in _bands(h, w):
+        a, b = max(0, r0 - radius), min(h, r1 + radius)
+        out[r0:r1] = op(mask[a:b], radius)[r0 - a : r1 - a]
+    return out
 
 
 def select_tiles(grid: _Grid[T], mask: TissueMask, min_fraction: float) -> tuple[list[T], float]:
@@ -145,8 +192,10 @@ def select_tiles(grid: _Grid[T], mask: TissueMask, min_fraction: float) -> tuple
         return [], 0.0
     m = np.asarray(mask.mask, bool)
     mh, mw = m.shape
-    integral = np.zeros((mh + 1, mw + 1), np.int64)
-    integral[1:, 1:] = m.astype(np.int64).cumsum(0).cumsum(1)
+    # a summed-area table; int32 holds any thumbnail's count (≤ 4096² pixels), at half the memory
+    integral = np.zeros((mh + 1, mw + 1), np.int32 if m.size < 2**31 else np.int64)
+    np.cumsum(m, axis=0, dtype=integral.dtype, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
     dx, dy = mask.downsample
     x0 = np.array([t.core.x for t in tiles]) / dx
     x1 = np.array([t.core.x1 for t in tiles]) / dx

@@ -226,6 +226,9 @@ def differential_figure(
 # --------------------------------------------------------------------------- overlays
 
 
+_STAMP_BLOCK = 1 << 16  # cells per fancy-index write of stamp_cells
+
+
 def _disc_offsets(radius: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     r = max(0, int(radius))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
@@ -250,18 +253,23 @@ def stamp_cells(
     h, w = out.shape[:2]
     if len(x) == 0:
         return out
-    cx = np.rint(np.asarray(x, np.float64)).astype(np.int64)
-    cy = np.rint(np.asarray(y, np.float64)).astype(np.int64)
-    cid = np.asarray(class_id, np.int64)
+    # int32 centres, clipped to just beyond the farthest offset (such a dot draws nothing
+    # either way); the writes go offset by offset, a block of cells at a time, in cell order
+    # (the same image as one write per offset, with temporaries of one block)
+    reach = max(0, int(radius)) + 2
+    cx = np.clip(np.rint(np.asarray(x, np.float64)), -reach, w + reach).astype(np.int32)
+    cy = np.clip(np.rint(np.asarray(y, np.float64)), -reach, h + reach).astype(np.int32)
+    cid = np.asarray(class_id)
     pal = np.vstack([np.asarray(palette, np.uint8).reshape(-1, 3), np.zeros((1, 3), np.uint8)])
     colors = pal[np.where(cid >= 0, cid, len(pal) - 1)]
     rim = (colors.astype(np.uint16) * 2 // 5).astype(np.uint8)
     for r, cols in ((radius + 1, rim), (radius, colors)):
         dy, dx = _disc_offsets(r)
         for oy, ox in zip(dy, dx, strict=True):
-            px, py = cx + ox, cy + oy
-            ok = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-            out[py[ok], px[ok]] = cols[ok]
+            for a in range(0, len(cx), _STAMP_BLOCK):
+                px, py = cx[a : a + _STAMP_BLOCK] + int(ox), cy[a : a + _STAMP_BLOCK] + int(oy)
+                ok = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+                out[py[ok], px[ok]] = cols[a : a + _STAMP_BLOCK][ok]
     return out
 
 

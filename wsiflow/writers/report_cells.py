@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 GALLERY_PER_KIND = 6  # most confident + borderline: ≤ 12 cells per class
+_BLOCK = 1 << 16  # cells per block of the vectorised per-cell steps
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,11 @@ def select_gallery(
     conf = np.zeros(len(cid), np.float32)
     conf[valid] = probs[np.flatnonzero(valid), cid[valid]]
     if probs.shape[1] > 1:
-        part = np.partition(probs, probs.shape[1] - 2, axis=1)
-        margin = conf - np.where(part[:, -1] >= conf, part[:, -2], part[:, -1])
+        margin = np.empty(len(conf), np.result_type(conf, probs))
+        for a in range(0, len(cid), _BLOCK):  # the partitioned copy of one block at a time
+            part = np.partition(probs[a : a + _BLOCK], probs.shape[1] - 2, axis=1)
+            c = conf[a : a + _BLOCK]
+            margin[a : a + _BLOCK] = c - np.where(part[:, -1] >= c, part[:, -2], part[:, -1])
     else:
         margin = conf.copy()
     for k in range(n_classes):
@@ -140,7 +144,12 @@ def densest_window(
         return max(0.0, (W - ww) / 2), max(0.0, (H - wh) / 2)
     bx, by = ww / 2, wh / 2
     nx, ny = max(1, math.ceil(W / bx)), max(1, math.ceil(H / by))
-    hist, _, _ = np.histogram2d(y, x, bins=(ny, nx), range=((0, ny * by), (0, nx * bx)))
+    hist = np.zeros((ny, nx))
+    for a in range(0, len(x), _BLOCK):  # counts add up: one block's temporaries at a time
+        part, _, _ = np.histogram2d(
+            y[a : a + _BLOCK], x[a : a + _BLOCK], bins=(ny, nx), range=((0, ny * by), (0, nx * bx))
+        )
+        hist += part
     if ny > 1 and nx > 1:
         win = hist[:-1, :-1] + hist[1:, :-1] + hist[:-1, 1:] + hist[1:, 1:]
     elif ny > 1:
@@ -153,4 +162,3 @@ def densest_window(
     x0 = min(ix * bx, max(0.0, W - ww)) if W > ww else (W - ww) / 2
     y0 = min(iy * by, max(0.0, H - wh)) if H > wh else (H - wh) / 2
     return float(x0), float(y0)
-

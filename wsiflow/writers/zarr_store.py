@@ -49,6 +49,8 @@ __all__ = ["FORMAT", "CellStore"]
 FORMAT = "wsiflow-cells/1"
 CHUNK_ROWS = 65536
 VERTEX_CHUNK_ROWS = 1 << 18
+SORTED_ROWS = 8192  # cells per table of iter_sorted (the GeoJSON stream)
+CACHED_CHUNKS = 1  # decoded Zarr chunks kept per array while reading in id order
 ROW_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("poly_offsets", "poly_xy"))
 RESERVED = ("format", "wsiflow_version", "n_tiles", "n_classes", "n_cells", "n_vertices", "complete")
 
@@ -374,7 +376,8 @@ class CellStore:
             raise ValueError(f"not per-cell columns: {bad!r}")
         n = self._n_cells
         sel = self.kept_rows() if rows is None else np.asarray(rows, np.int64)
-        whole = len(sel) == n  # rows are distinct store rows: all of them, in order
+        # all rows in order (kept rows are distinct and sorted): the columns as read, no copy
+        whole = len(sel) == n and (rows is None or bool((sel == np.arange(n)).all()))
         out: dict[str, np.ndarray] = {}
         for name in names:
             values = np.asarray(self._arr(f"cells/{name}")[:n], DTYPES[name])
@@ -382,7 +385,7 @@ class CellStore:
                 values = values.reshape(n, self.n_classes)
             elif name == "bbox":
                 values = values.reshape(n, 4)
-            out[name] = values if whole and rows is None else values[sel]
+            out[name] = values if whole else values[sel]
         return out
 
     def polygons(self, rows: NDArray[np.integer]) -> list[NDArray[np.float32]]:
@@ -407,12 +410,15 @@ class CellStore:
         np.cumsum(np.asarray(self._arr("cells/poly_counts")[:n], np.int64), out=ends[1:])
         return ends
 
-    def iter_sorted(self, rows: int = CHUNK_ROWS) -> Iterator[CellTable]:
+    def iter_sorted(self, rows: int = SORTED_ROWS) -> Iterator[CellTable]:
         """The cells of :meth:`read_table` in id order (``CellTable.sorted``), ``rows`` at a
-        time: memory holds the id column, its sort order and one chunk, never all cells.
+        time: memory holds the id column, its sort order, one chunk and a few decoded Zarr
+        chunks per array, never all cells.
 
-        Rows are fetched by orthogonal selection, so a chunk decodes only the Zarr chunks
-        holding its rows, whatever order the tiles were committed in.
+        Rows are gathered from decoded Zarr chunks kept in a small cache (:class:`_RowReader`):
+        id order is close to commit order (tiles are committed about in grid order), so each
+        stored chunk is decoded about once however small ``rows`` is, and a store committed
+        in any other order gives the same cells, decoding more.
         """
         n, m = self._n_cells, self._n_vertices
         ends = self._vertex_ends()
@@ -420,20 +426,23 @@ class CellStore:
             raise OutputError(f"{self.path}: polygon vertex count disagrees with the committed rows")
         ids = np.asarray(self._arr("cells/id")[:n], np.int64)
         keep = self.kept_rows()
-        order = keep[np.argsort(ids[keep], kind="stable")]
+        if len(keep) == n:  # every committed row is kept (the usual case): no copy of the ids
+            order = np.argsort(ids, kind="stable")
+        else:
+            order = keep[np.argsort(ids[keep], kind="stable")]
         del ids, keep
-        for a in range(0, len(order), max(1, rows)):
-            sel = order[a : a + max(1, rows)]
-            cols: dict[str, np.ndarray] = {}
-            for name in ROW_COLUMNS:  # orthogonal reads: only the chunks holding these rows
-                arr = self._arr(f"cells/{name}")
-                picked = arr.oindex[(sel, slice(None)) if arr.ndim == 2 else sel]
-                cols[name] = np.asarray(picked, DTYPES[name])
+        readers = {name: _RowReader(self._arr(f"cells/{name}")) for name in ROW_COLUMNS}
+        vertices = _RowReader(self._arr("cells/poly_xy"))
+        step = max(1, rows)
+        for a in range(0, len(order), step):
+            sel = order[a : a + step]
+            cols: dict[str, np.ndarray] = {
+                name: np.asarray(reader.take(sel), DTYPES[name]) for name, reader in readers.items()
+            }
             cols["probs"] = cols["probs"].reshape(len(sel), self.n_classes)
             offsets, vidx = ragged_take(ends, sel)
-            xy = self._arr("cells/poly_xy").oindex[vidx, slice(None)] if len(vidx) else np.zeros((0, 2))
             cols["poly_offsets"] = offsets
-            cols["poly_xy"] = np.asarray(xy, np.float32).reshape(-1, 2)
+            cols["poly_xy"] = np.asarray(vertices.take(vidx), np.float32).reshape(-1, 2)
             yield CellTable(**cols)
 
     def iter_tables(self, rows: int = CHUNK_ROWS) -> Iterator[CellTable]:
@@ -517,6 +526,45 @@ class CellStore:
         xy = self._arr("cells/poly_xy")
         if xy.shape[0] != m:
             xy.resize((m, 2))
+
+
+class _RowReader:
+    """Rows of one stored array at any indices, gathered from its decoded Zarr chunks; the
+    last :data:`CACHED_CHUNKS` decoded chunks are kept, so reading nearby rows again (the next
+    chunk of a near-sorted order) decodes nothing new."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self._arr = arr
+        self._rows = int(arr.chunks[0])
+        self._cache: dict[int, np.ndarray] = {}  # chunk number → decoded rows (insertion = age)
+
+    def take(self, index: NDArray[np.int64]) -> np.ndarray:
+        idx = np.asarray(index, np.int64)
+        out = np.empty((len(idx), *self._arr.shape[1:]), self._arr.dtype)
+        if not len(idx):
+            return out
+        which = idx // self._rows
+        if (np.diff(which) >= 0).all():  # the usual case: chunk numbers already in order
+            pos = np.arange(len(idx))
+            starts = np.flatnonzero(np.diff(which, prepend=which[0] - 1))
+        else:
+            pos = np.argsort(which, kind="stable")
+            starts = np.flatnonzero(np.diff(which[pos], prepend=which[pos[0]] - 1))
+        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(idx)], strict=True):
+            at = pos[s:e]
+            k = int(which[at[0]])
+            out[at] = self._chunk(k)[idx[at] - k * self._rows]
+        return out
+
+    def _chunk(self, k: int) -> np.ndarray:
+        if k in self._cache:
+            return self._cache[k]
+        while len(self._cache) >= CACHED_CHUNKS:
+            del self._cache[next(iter(self._cache))]  # the oldest
+        start = k * self._rows
+        data = np.asarray(self._arr[start : min(start + self._rows, self._arr.shape[0])])
+        self._cache[k] = data
+        return data
 
 
 def read_done(path: str | os.PathLike[str]) -> NDArray[np.bool_]:
