@@ -27,6 +27,8 @@ from wsiflow.tiling import TileGrid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+SLIDE_MPP_EDGES = 0.5
+
 
 @pytest.fixture(scope="module")
 def smear(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
@@ -227,4 +229,92 @@ def test_an_owned_cell_the_read_edge_cuts_is_read_again_not_lost(
     table, cut = run()
     assert match_centres(np.column_stack([table.x, table.y]), truth) == [0, 1, 1]
     assert sum(cut.values()) >= 1  # counted, not silently gone
+    clear_caches()
+
+
+@pytest.mark.parametrize("context_um", [0.0, 4.0])
+def test_reads_clipped_to_the_slide_give_the_cells_of_full_reads(
+    tmp_path: Path, standin_models, monkeypatch, context_um: float
+) -> None:
+    """A slide whose size is no multiple of the tiles, with cells cut by its edges and corners:
+    reads clipped to the slide (a white margin of the segmenter's context, 0 or 8 px, instead
+    of the whole 32-px halo) find the same cells, classes and probabilities as full-size reads,
+    read fewer pixels, and a cell the slide edge cuts is kept whole, never flagged as cut."""
+    import shutil
+
+    from standins import BACKGROUND, CELL_RADIUS_PX, NUCLEUS
+
+    import wsiflow.crops as crops_mod
+    import wsiflow.pipeline.batch as batch
+    from wsiflow.models.bundle import ModelBundle, update_card
+    from wsiflow.slide.writer import write_pyramid_tiff
+    from wsiflow.tiling import Tile
+
+    w, h = 1000, 700  # 0.5 µm/px: 192-px cores leave a 40-px last column and a 124-px last row
+    truth = np.array(
+        [[4.0, 300.0], [995.0, 120.0], [500.0, 3.0], [610.0, 697.0], [2.0, 2.0], [997.0, 698.0],
+         [20.0, 500.0], [985.0, 600.0], [300.0, 690.0], [192.0, 384.0], [960.0, 680.0]]
+    )  # fmt: skip
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = BACKGROUND
+    for cx, cy in truth:
+        img[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= CELL_RADIUS_PX**2] = NUCLEUS
+    path = tmp_path / "edges.svs"
+    write_pyramid_tiff(path, img, mpp=SLIDE_MPP_EDGES, compression="zlib")
+    seg_dir = tmp_path / "seg"
+    seg_dir.mkdir()
+    seg_src = standin_models[0]
+    for f in (seg_src, seg_src.with_suffix(".json")):
+        shutil.copy(f, seg_dir / f.name)
+    update_card(ModelBundle.load(seg_dir / seg_src.name), {"context_um": context_um})
+    pipe = _pipe((seg_dir / seg_src.name, standin_models[1]), TILE_UM_B)
+    refs, _ = resolve_models(pipe, "cpu")
+    slide, models = get_slide(SlideRef(str(path))), get_models(refs, pipe)
+    assert batch.edge_margin(models.segmenter, pipe) == (round(context_um / 0.5), 2)  # depth-1 U-Net
+    grid = TileGrid.from_pipeline(w, h, SLIDE_MPP_EDGES, pipe)
+    read_px: list[tuple[int, int]] = []
+    crops: list[np.ndarray] = []
+    real_read, real_crop = batch.read_seg_image, crops_mod.crop_cells
+
+    def counting(slide, tile, *args, **kwargs):
+        read_px.append(tile.read_px)
+        return real_read(slide, tile, *args, **kwargs)
+
+    def keeping(*args, **kwargs):
+        crops.append(real_crop(*args, **kwargs))
+        return crops[-1]
+
+    def run() -> tuple[CellTable, dict[int, int], int, np.ndarray]:
+        read_px.clear()
+        crops.clear()
+        cut: dict[int, int] = {}
+        tiles = grid.tiles
+        tables = [
+            process_batch(slide, tiles[i : i + 3], pipe, models, cut_cells=cut)
+            for i in range(0, len(tiles), 3)
+        ]
+        table = CellTable.concat(tables, len(pipe.taxonomy)).sorted()
+        return table, cut, sum(a * b for a, b in read_px), np.concatenate(crops)
+
+    monkeypatch.setattr(batch, "read_seg_image", counting)
+    monkeypatch.setattr(crops_mod, "crop_cells", keeping)
+    clipped, cut, px, clipped_crops = run()
+    with monkeypatch.context() as m:  # the reads before clipping: every tile core + halo, full size
+        m.setattr(Tile, "within", lambda self, *args: self)
+        full, cut_full, px_full, full_crops = run()
+    assert cut == cut_full == {}
+    # the classifier sees the same crops: white past the slide edge, not the black past the image
+    assert np.array_equal(clipped_crops, full_crops)
+    # every disc once, at the centroid of its part inside the slide
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label((img == NUCLEUS).all(axis=2))
+    assert n == len(truth)
+    centroids = np.array(ndi.center_of_mass(np.ones_like(lab), lab, range(1, n + 1)))[:, ::-1] + 0.5
+    assert match_centres(np.column_stack([clipped.x, clipped.y]), centroids, tol=0.5) == [1] * n
+    assert clipped.equals(full, atol=1e-9)  # centroids: the last bit moves with the image origin
+    assert np.array_equal(clipped.probs, full.probs)
+    assert np.array_equal(clipped.poly_xy, full.poly_xy) and np.array_equal(clipped.area_um2, full.area_um2)
+    assert px < 0.8 * px_full, (px, px_full)  # 24 tiles of 256² px before
     clear_caches()

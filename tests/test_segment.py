@@ -128,6 +128,25 @@ def test_core_keeps_only_owned_cells_identical_to_filtering_after() -> None:
     assert len(instances_from_probs(prob, None, CFG, origin, scale, MPP, owner=_tile(nothing))[0]) == 0
 
 
+def test_a_cell_touching_a_side_past_the_slide_edge_is_not_cut() -> None:
+    """Only the sides of the image that lie inside the slide (``Tile.cuts``) cut a cell: one
+    touching a side that is white padding past the slide edge is whole and kept."""
+    prob = discs((100, 120), [(3, 50, 10), (60, 3, 10), (60, 50, 10)])  # left, top, inside
+    core = (0.0, 0.0, 120.0, 100.0)
+    box = Box(0.0, 0.0, 120.0, 100.0)
+    inside = Tile(0, 0, 0, box, box, (120, 100), (120, 100))  # every side cuts (the default)
+    _, edge = instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP, owner=inside, keep_cut=True)
+    assert edge.sum() == 2
+    assert len(instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP, owner=inside)[0]) == 1
+    at_edge = Tile(0, 0, 0, box, box, (120, 100), (120, 100), (False, False, True, True))
+    table, edge = instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP, owner=at_edge)
+    assert len(table) == 3 and not edge.any()
+    assert _tile(core).cuts == (True, True, True, True)
+    left_only = Tile(0, 0, 0, box, box, (120, 100), (120, 100), (False, True, True, True))
+    table, edge = instances_from_probs(prob, None, CFG, (0.0, 0.0), 1.0, MPP, owner=left_only, keep_cut=True)
+    assert len(table) == 3 and edge.sum() == 1 and table.y[edge][0] < 10  # the top one is cut
+
+
 def test_flood_per_component_matches_global_watershed() -> None:
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max

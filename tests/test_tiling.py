@@ -98,6 +98,64 @@ def test_cores_tile_the_slide_and_reads_hold_the_halo(grid: TileGrid) -> None:
         assert t.core_px[0] * grid.scale >= t.core.w - 1e-6
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(grid=grids(), margin=st.integers(0, 300), align=st.sampled_from([1, 2, 16]))
+def test_reads_clipped_to_the_slide_keep_the_slide_the_margin_and_the_pixel_grid(
+    grid: TileGrid, margin: int, align: int
+) -> None:
+    s = grid.scale
+    w, h = grid.width, grid.height
+    for t in grid.tiles[:: max(1, len(grid) // 25)]:
+        c = t.within(w, h, margin, align)
+        r, cr = t.read, c.read
+        assert (c.id, c.core, c.core_px) == (t.id, t.core, t.core_px)
+        assert cr.x >= r.x - 1e-6 and cr.y >= r.y - 1e-6 and cr.x1 <= r.x1 + 1e-6 and cr.y1 <= r.y1 + 1e-6
+        assert cr.w == pytest.approx(c.read_px[0] * s) and cr.h == pytest.approx(c.read_px[1] * s)
+        for lo, lo_c, hi, hi_c, n_c, extent in (
+            (r.x, cr.x, r.x1, cr.x1, c.read_px[0], w),
+            (r.y, cr.y, r.y1, cr.y1, c.read_px[1], h),
+        ):
+            shift = (lo_c - lo) / s  # whole multiples of align px: the same pixel (and pooling) grid
+            assert abs(shift - round(shift)) < 1e-6 and round(shift) % align == 0
+            assert n_c % align == 0 or hi_c == pytest.approx(hi)  # rounded up unless at the end
+            # everything of the slide the full box holds, and margin px of white (or all of it)
+            assert lo_c <= max(lo, min(0.0, 0.0 - margin * s)) + 1e-6
+            assert hi_c >= min(hi, extent + margin * s) - 1e-6
+            # and no more white than the margin and the rounding need
+            assert lo_c > -(margin + align) * s - 1e-6 or lo_c == pytest.approx(lo)
+            assert hi_c < extent + (margin + 2 * align) * s + 1e-6 or hi_c == pytest.approx(hi)
+        assert c.cuts == (cr.x > 1e-6, cr.y > 1e-6, cr.x1 < w - 1e-6, cr.y1 < h - 1e-6)
+        again = c.within(w, h, margin, align)  # clipping twice changes nothing
+        assert (again.read_px, again.cuts) == (c.read_px, c.cuts)
+        assert (again.read.x, again.read.y, again.read.w) == pytest.approx((cr.x, cr.y, cr.w))
+
+
+def test_known_clipped_reads() -> None:
+    g = TileGrid(5000, 3000, 0.25, 0.5, tile_um=512, halo_um=64, max_object_um=100)
+    first, last = g.tiles[0], g.tiles[5]
+    assert first.cuts == (False, False, True, True) and last.cuts == (True, True, False, False)
+    assert g.tiles[1].cuts == (True, False, True, True)
+    # 40 px of margin on a 16-px grid: 48 px of white kept left of and above tile 0
+    c = first.within(5000, 3000, 40, 16)
+    assert (c.read.x, c.read.y, c.read_px) == (-96, -96, (1200, 1200))
+    assert c.cuts == (False, False, True, True)
+    # tile 5 (core 452 × 476 px, slide edge 580 / 604 px into its read): 620 → 624, 644 → 656
+    c = last.within(5000, 3000, 40, 16)
+    assert (c.read.x, c.read.y, c.read.w, c.read.h) == (3840, 1792, 1248, 1312)
+    assert c.read_px == (624, 656) and c.cuts == (True, True, False, False)
+    # the whole halo as the margin: left and top as they were, right and bottom at halo past the edge
+    c = last.within(5000, 3000, g.halo_px, 1)
+    assert (c.read.x, c.read.y, c.read_px) == (last.read.x, last.read.y, (708, 732))
+    # a slide smaller than a tile: one read, white margin on every side, nothing cut
+    small = TileGrid(2000, 2000, 0.25, 0.5, tile_um=512, halo_um=96, max_object_um=100).tiles[0]
+    assert small.read_px == (1408, 1408)
+    c = small.within(2000, 2000, 87, 16)
+    assert c.read_px == (1184, 1184) and (c.read.x, c.read.y) == (-192, -192)
+    assert c.cuts == (False, False, False, False)
+    with pytest.raises(ValueError, match="margin_px"):
+        small.within(2000, 2000, -1, 16)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(grid=grids())
 def test_ids_are_row_major_and_deterministic(grid: TileGrid) -> None:

@@ -73,6 +73,10 @@ class Segmenter:
         self.codes = bundle.class_codes
         self.has_nucleus = len(self.codes) > 1 and self.codes[1] == "nucleus"
         self.mpp = bundle.mpp
+        # what a read clipped to the slide keeps past its edge (pipeline.batch): the measured
+        # border context (None: not measured), and the size multiple the network pools to
+        self.context_um: float | None = bundle.model_card.context_um
+        self.multiple = int(getattr(model, "multiple", 1))
         self._mean = torch.tensor(bundle.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(bundle.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # Images per forward call. On CPU one: oneDNN's convolutions round differently with
@@ -100,9 +104,10 @@ class Segmenter:
         self, rgbs: Sequence[NDArray[np.uint8]], mpp: float | None = None
     ) -> list[tuple[NDArray[np.float32], NDArray[np.float32] | None]]:
         """:meth:`probability_maps` of each image, in order: the images of one shape go
-        through the network together, up to ``max_batch`` per forward call (the tiles of a
-        task share their read size, so on a GPU a task is one or a few calls). On CPU
-        ``max_batch`` is 1, so the maps are exactly those of one image at a time."""
+        through the network together, up to ``max_batch`` per forward call (a slide's inner
+        tiles share the full read size, those at its edges are clipped to it, so on a GPU a
+        task is one call per shape). On CPU ``max_batch`` is 1, so the maps are exactly those
+        of one image at a time."""
         for rgb in rgbs:
             _check_rgb(rgb)
         out: list[tuple[NDArray[np.float32], NDArray[np.float32] | None] | None] = [None] * len(rgbs)
@@ -344,7 +349,9 @@ def instances_from_probs(
     core (:meth:`Tile.owns`) and not touching the image edge — *before* their polygons are
     traced, so halo cells (a third of a tile's cells) cost no contour work. ``keep_cut``
     keeps the core's cells that touch the image edge too (flagged), so the caller can
-    re-read a larger box for them instead of losing them."""
+    re-read a larger box for them instead of losing them. Only the sides of the image that
+    ``owner.cuts`` (inside the slide) count as its edge: past a slide edge the image is white
+    padding, and a cell touching it is whole. Without ``owner`` every side counts."""
     labels = _labels(prob, nucleus, cfg, mpp)
     n_lab = int(labels.max())
     if n_lab == 0:
@@ -362,7 +369,11 @@ def instances_from_probs(
     sum_c = np.bincount(flat, weights=cols.ravel(), minlength=n_lab + 1)
     sum_p = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n_lab + 1)
     border = np.zeros(n_lab + 1, bool)
-    border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    cuts = owner.cuts if owner is not None else (True, True, True, True)
+    sides = (labels[:, 0], labels[0], labels[:, -1], labels[-1])  # left, top, right, bottom
+    for side, cut in zip(sides, cuts, strict=True):
+        if cut:
+            border[side] = True
     ox, oy = float(origin_xy[0]), float(origin_xy[1])
     cnt = counts[keep].astype(np.float64)
     x = ox + (sum_c[keep] / cnt + 0.5) * scale

@@ -10,9 +10,14 @@ by exactly one tile**. A cell is kept by the one tile whose core contains its ce
 (:meth:`TileGrid.owns`); a cell touching the outer edge of a tile's read region is dropped
 there, because the owner sees it whole.
 
-Each tile is *read* with a halo of ``halo_px`` pixels at ``seg_mpp`` around its full-size
-core (so every read has the same pixel size, ``read_px``; reads past the slide edge are
-padded white by the slide reader).
+Each grid tile's read box (``Tile.read``) is its full-size core grown by a halo of
+``halo_px`` pixels at ``seg_mpp``, the same pixel size ``read_px`` for every tile. A tile is
+read clipped to the slide (:meth:`Tile.within`): a side that reaches past the slide edge is
+pulled in to keep only a white margin there (the segmenter's measured context, so pixels of
+the slide are seen as with the whole white halo, to within the context's tolerance), on the
+U-Net's pooling grid; a small slide then does not pay a whole tile's segmentation of white.
+``Tile.cuts`` says which sides of a read box lie inside the slide: only there does the read
+edge cut anything, and a cell touching a side on or past the slide edge is whole.
 
 Invariant: ``halo_um > max_object_um / 2``. A cell whose centroid lies in a core reaches at
 most ``max_object_um / 2`` from that centroid, so it lies entirely inside the core grown
@@ -38,7 +43,8 @@ __all__ = ["Tile", "TileGrid"]
 
 @dataclass(frozen=True, slots=True)
 class Tile:
-    """One tile. ``core`` and ``read`` are in level-0 px; ``*_px`` are (w, h) at ``seg_mpp``."""
+    """One tile. ``core`` and ``read`` (the box read: a grid tile's full-size core + halo,
+    :meth:`within` clips it to a slide) are in level-0 px; ``*_px`` are (w, h) at ``seg_mpp``."""
 
     id: int
     row: int
@@ -47,6 +53,29 @@ class Tile:
     read: Box
     core_px: tuple[int, int]
     read_px: tuple[int, int]
+    cuts: tuple[bool, bool, bool, bool] = (True, True, True, True)
+    """Per side of ``read`` (left, top, right, bottom): whether it lies inside the slide, so
+    that the read edge there cuts what crosses it; past or on the slide edge only white lies
+    beyond, and a cell touching that side of the image is whole."""
+
+    def within(self, width: float, height: float, margin_px: int, align: int = 1) -> Tile:
+        """This tile as read from a slide of ``width`` × ``height`` level-0 px: each side of
+        ``read`` that reaches past the slide edge pulled in to keep ``margin_px`` pixels (at
+        ``seg_mpp``) of white beyond the edge, no less. The box stays on the grid of ``read``'s
+        pixels, moved by whole multiples of ``align`` px (a U-Net that pools ``depth`` times
+        sees the same pooling grid for ``align = 2**depth``), and a clipped size is rounded up
+        to a multiple of ``align`` (the extra on the slide-edge side, white). The core is
+        unchanged; ``cuts`` is recomputed for the new box."""
+        if margin_px < 0 or align < 1:
+            raise ValueError(f"margin_px must be >= 0 and align >= 1, got {margin_px}, {align}")
+        r = self.read
+        s = r.w / self.read_px[0]  # level-0 px per seg px
+        a_x, n_x = _clip_axis(r.x, self.read_px[0], s, width, margin_px, align)
+        a_y, n_y = _clip_axis(r.y, self.read_px[1], s, height, margin_px, align)
+        read = Box(r.x + a_x * s, r.y + a_y * s, n_x * s, n_y * s)
+        return Tile(
+            self.id, self.row, self.col, self.core, read, self.core_px, (n_x, n_y), _cuts(read, width, height)
+        )
 
     def owns(self, x: ArrayLike, y: ArrayLike) -> NDArray[np.bool_]:
         """The ownership rule, vectorised: which points (level-0 px) lie in this tile's core,
@@ -111,7 +140,8 @@ class TileGrid:
                     min(self.core_px, math.ceil((x1 - x0) / self.scale - 1e-9)),
                     min(self.core_px, math.ceil((y1 - y0) / self.scale - 1e-9)),
                 )
-                tiles.append(Tile(r * n_cols + c, r, c, core, read, core_px, (read_side, read_side)))
+                cuts = _cuts(read, self.width, self.height)
+                tiles.append(Tile(r * n_cols + c, r, c, core, read, core_px, (read_side, read_side), cuts))
         object.__setattr__(self, "tiles", tiles)
 
     @classmethod
@@ -172,3 +202,30 @@ def _edges(extent: int, step: float) -> NDArray[np.float64]:
     edges = np.arange(n + 1, dtype=np.float64) * step
     edges[-1] = float(extent)  # n was rounded so that edges[-2] < extent
     return edges
+
+
+EDGE_EPS = 1e-6  # level-0 px: a read side this close to the slide edge is on it
+
+
+def _cuts(read: Box, width: float, height: float) -> tuple[bool, bool, bool, bool]:
+    """Which sides of ``read`` (left, top, right, bottom) lie strictly inside the slide."""
+    return (
+        read.x > EDGE_EPS,
+        read.y > EDGE_EPS,
+        read.x1 < width - EDGE_EPS,
+        read.y1 < height - EDGE_EPS,
+    )
+
+
+def _clip_axis(
+    origin: float, n_px: int, scale: float, extent: float, margin_px: int, align: int
+) -> tuple[int, int]:
+    """One axis of :meth:`Tile.within`: (first pixel kept, pixels kept) of a read of ``n_px``
+    pixels from level-0 ``origin`` (``scale`` level-0 px each) over a slide ``extent`` long."""
+    start = (0.0 - origin) / scale  # the slide's first pixel, in read pixels (> 0: white before it)
+    end = (extent - origin) / scale  # the slide's end, in read pixels (< n_px: white after it)
+    a = max(0, math.floor((start - margin_px) / align + 1e-9) * align)
+    if end >= n_px - 1e-9:
+        return a, n_px - a
+    b = a + max(1, math.ceil((end + margin_px - a) / align - 1e-9)) * align
+    return a, min(b, n_px) - a

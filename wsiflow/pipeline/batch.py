@@ -4,14 +4,17 @@
 opened and loaded (the worker's caches in :mod:`wsiflow.execution.worker` do that once).
 For each tile in turn:
 
-1. reads the tile's read box (core + halo) at ``seg_mpp``: when ``cls_mpp`` is the slide's
-   own µm/px and ``seg_mpp`` an integer multiple of it, the box is read (decoded) once at
-   ``cls_mpp`` and the seg image is its k×k reduction in memory, bit-identical to what
-   :meth:`Slide.read` gives at ``seg_mpp`` (:meth:`Slide.read_both`);
+1. reads the tile's read box (core + halo) clipped to the slide (:meth:`Tile.within`, with
+   :func:`edge_margin`: past a slide edge only the segmenter's measured context of white is
+   kept) at ``seg_mpp``: when ``cls_mpp`` is the slide's own µm/px and ``seg_mpp`` an
+   integer multiple of it, the box is read (decoded) once at ``cls_mpp`` and the seg image
+   is its k×k reduction in memory, bit-identical to what :meth:`Slide.read` gives at
+   ``seg_mpp`` (:meth:`Slide.read_both`);
 2. segments it (:class:`~wsiflow.segment.Segmenter`) into cells in level-0 px;
 3. keeps the cells the tile **owns** (centroid in its core) that do not touch the read
-   region's edge, sorted by (y, x) and numbered ``make_ids(tile.id, n)``;
-4. reads the same box at ``cls_mpp`` (unless step 1 did), crops the kept cells and
+   region's edge inside the slide, sorted by (y, x) and numbered ``make_ids(tile.id, n)``;
+4. reads the same box at ``cls_mpp`` (unless step 1 did), white beyond the slide edge out to
+   the unclipped box (the crops see what an unclipped read gives), crops the kept cells and
    classifies them.
 
 Only one tile's pixels (its cls and seg images) are held at a time; the result carries no
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
     from wsiflow.segment import Segmenter
     from wsiflow.slide import Slide
 
-__all__ = ["LoadedModels", "process_batch", "process_tile", "read_seg_image"]
+__all__ = ["LoadedModels", "edge_margin", "process_batch", "process_tile", "read_seg_image"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ MAX_GROW = 2
 
 
 def _grown(tile: Tile, extra_px: int) -> Tile:
-    """``tile`` with its read box grown by ``extra_px`` seg px on every side (same core)."""
+    """``tile`` with its read box grown by ``extra_px`` seg px on every side (same core); to be
+    clipped to the slide (:meth:`Tile.within`), which also sets its ``cuts``."""
     r = tile.read
     s = r.w / tile.read_px[0]  # level-0 px per seg px
     read = Box(r.x - extra_px * s, r.y - extra_px * s, r.w + 2 * extra_px * s, r.h + 2 * extra_px * s)
@@ -69,31 +73,50 @@ def _grown(tile: Tile, extra_px: int) -> Tile:
     return Tile(tile.id, tile.row, tile.col, tile.core, read, tile.core_px, px)
 
 
+def edge_margin(segmenter: Segmenter, pipeline: Pipeline) -> tuple[int, int]:
+    """(margin_px, align) for :meth:`Tile.within`: the white a read keeps past a slide edge,
+    in px at ``seg_mpp``, and the pixel multiple its box keeps to. The margin is the
+    segmenter's measured border context (card ``context_um``, rounded up; the halo covers it,
+    :func:`~wsiflow.models.bundle.check_halo`): a pixel of the slide that far from the
+    image's end sees what it sees in the whole white halo. A card without ``context_um``
+    keeps the whole halo. ``align`` is the U-Net's pooling multiple (2**depth)."""
+    seg_mpp = pipeline.resolution.seg_mpp
+    halo_px = math.ceil(pipeline.tiling.halo_um / seg_mpp - 1e-9)
+    context = segmenter.context_um
+    margin = halo_px if context is None else min(halo_px, math.ceil(float(context) / seg_mpp - 1e-9))
+    return max(0, margin), max(1, segmenter.multiple)
+
+
 def process_tile(
     slide: Slide, tile: Tile, pipeline: Pipeline, models: LoadedModels, cut: list[int] | None = None
 ) -> CellTable:
     """One tile → the classified cells it owns (ids final, level-0 px).
 
-    A cell whose centroid is in the core but which the read box's edge cuts (a clump the
-    watershed did not split, an object beyond ``max_object_um``) is never dropped silently:
-    the tile is read again with a box grown by one more halo (up to :data:`MAX_GROW` times;
-    the core and its owned cells are otherwise the same, the halo already covering the
-    segmenter's context). Cells still cut then are left out and their number appended to
-    ``cut`` (the summary counts them)."""
+    The tile's read box is clipped to the slide (:meth:`Tile.within`, :func:`edge_margin`).
+    A cell whose centroid is in the core but which the read box's edge cuts inside the slide
+    (a clump the watershed did not split, an object beyond ``max_object_um``) is never
+    dropped silently: the tile is read again with a box grown by one more halo (up to
+    :data:`MAX_GROW` times, each clipped to the slide again; the core and its owned cells
+    are otherwise the same, the halo already covering the segmenter's context). Cells still
+    cut then are left out and their number appended to ``cut`` (the summary counts them)."""
     from wsiflow.crops import crop_cells
 
     n_classes = len(pipeline.taxonomy)
     seg_mpp = pipeline.resolution.seg_mpp
     cls_mpp = pipeline.resolution.cls_mpp
-    # the read box is exactly read_px pixels at seg_mpp (TileGrid builds it so); the segmenter
-    # builds only the cells this tile owns: centroid in the core (those cut by the edge flagged)
+    width, height = (float(v) for v in slide.dimensions)
+    margin_px, align = edge_margin(models.segmenter, pipeline)
+    # the read box is exactly read_px pixels at seg_mpp (TileGrid and Tile.within build it so);
+    # the segmenter builds only the cells this tile owns: centroid in the core (those the read
+    # edge cuts inside the slide flagged)
     halo_px = math.ceil(pipeline.tiling.halo_um / seg_mpp - 1e-9)
     for grow in range(MAX_GROW + 1):
-        read_tile = _grown(tile, grow * halo_px) if grow else tile
+        full = _grown(tile, grow * halo_px) if grow else tile
+        read_tile = full.within(width, height, margin_px, align)
         box, w = read_tile.read, read_tile.read_px[0]
         rgb, image, (cw, ch) = read_seg_image(slide, read_tile, seg_mpp, cls_mpp)
         cells, edge = models.segmenter.segment(
-            rgb, (box.x, box.y), box.w / w, seg_mpp, owner=tile, keep_cut=True
+            rgb, (box.x, box.y), box.w / w, seg_mpp, owner=read_tile, keep_cut=True
         )
         del rgb
         if not edge.any():
@@ -111,9 +134,10 @@ def process_tile(
 
     if image is None:
         image = slide.read(box.x, box.y, cw, ch, cls_mpp)
+    image, origin = _white_out_to(image, box, full.read, box.w / cw)
     crops = crop_cells(
         image,
-        (box.x, box.y),
+        origin,
         box.w / cw,
         kept.bbox,
         pipeline.classifier.crop.pad_um / cls_mpp,
@@ -128,6 +152,24 @@ def process_tile(
             f"classifier returned probabilities of shape {probs.shape}, expected ({len(kept)}, {n_classes})"
         )
     return kept.with_classes(probs, pipeline.classifier.min_confidence)
+
+
+def _white_out_to(
+    image: NDArray[np.uint8], box: Box, outer: Box, scale: float
+) -> tuple[NDArray[np.uint8], tuple[float, float]]:
+    """``image`` (``box`` read at ``scale`` level-0 px per px) padded white out to ``outer``,
+    the unclipped box it was clipped from, and its new level-0 origin: a crop that reaches
+    past the slide edge sees white there, as in an unclipped read (the slide reader pads
+    white), not the black crop_cells gives past the image. Nothing is copied when ``box``
+    is ``outer``."""
+    left = max(0, round((box.x - outer.x) / scale))
+    top = max(0, round((box.y - outer.y) / scale))
+    right = max(0, round((outer.x1 - box.x1) / scale))
+    bottom = max(0, round((outer.y1 - box.y1) / scale))
+    if not (left or top or right or bottom):
+        return image, (box.x, box.y)
+    padded = np.pad(image, ((top, bottom), (left, right), (0, 0)), constant_values=255)
+    return padded, (box.x - left * scale, box.y - top * scale)
 
 
 def read_seg_image(
