@@ -12,7 +12,16 @@ slide on that cluster:
 
 Busy fraction: the batch tasks' compute time from Dask's task stream, divided by (worker
 threads × the span from the run's first submit to its last task's end); ``busy_fraction_wall``
-divides by the run's whole wall time instead (first plan to last report).
+divides by the run's whole wall time instead (first plan to last report). Task times are
+wall-clock, so on a shared machine they grow with its load; ``worker_cpu_s`` (the workers'
+process CPU time over the run, ``time.process_time`` in each) and ``cells_per_worker_cpu_s``
+do not, and ``client_cpu_s`` is the CPU time of this process (the client, and the embedded
+cluster's scheduler).
+
+``reads``: the tiles each run reads and the megapixels of their seg images (at ``seg_mpp``), as
+the workers read them (clipped to the slide, :meth:`wsiflow.tiling.Tile.within`) and at the full
+tile + halo size every read had before; ``seg_mpx_read_per_s`` beside ``cells_per_s`` says how
+much of a ratio is the U-Net's work and how much the cells and the per-slide costs.
 
 Then a **simulated larger cluster** (``--sim-workers``, default 4, 8, 16 ``dask worker``
 processes on loopback): the same slides and the real runner, planning, finishing and
@@ -89,10 +98,15 @@ def run_config(
     runner = timed_runner()(client, pipe, refs, bundles, RunOptions(out=out, overlap=overlap))
     threads = sum(client.nthreads().values())
     load_before = os.getloadavg()
+    cpu_before = client.run(time.process_time)
     with get_task_stream(client=client) as ts:
         t0 = time.perf_counter()
+        c0 = time.process_time()
         results = runner.run([str(s) for s in slides])
         wall = time.perf_counter() - t0
+        client_cpu = time.process_time() - c0
+    cpu_after = client.run(time.process_time)
+    worker_cpu = sum(cpu_after[w] - cpu_before[w] for w in cpu_after if w in cpu_before)
     bad = [r for r in results if not r.ok]
     if bad:
         raise RuntimeError(f"{label}: {bad[0].path}: {bad[0].error}")
@@ -119,6 +133,9 @@ def run_config(
         "busy_fraction": round(busy / (threads * span), 3) if span else None,
         "busy_fraction_wall": round(busy / (threads * wall), 3),
         "idle_worker_s": round(threads * span - busy, 2) if span else None,
+        "worker_cpu_s": round(worker_cpu, 2),
+        "cells_per_worker_cpu_s": round(cells / worker_cpu, 2) if worker_cpu > 0 else None,
+        "client_cpu_s": round(client_cpu, 2),
         "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
     log(f"{label}: {res}")
@@ -130,6 +147,31 @@ _SIZES: dict[str, int] = {}
 
 def _mpx(slide: Path) -> float:
     return _SIZES[str(slide)] / 1e6
+
+
+def read_sizes(slides: list[Path], pipe: Any, seg_bundle: Any) -> dict[str, Any]:
+    """Tiles and seg-image Mpx read for ``slides``: clipped to the slide as ``process_tile``
+    reads them, and at the full tile + halo size (the reads before clipping)."""
+    from wsiflow.pipeline.batch import edge_margin
+    from wsiflow.pipeline.plan import plan_slide
+    from wsiflow.segment import Segmenter
+
+    margin, align = edge_margin(Segmenter(seg_bundle, pipe.segmenter), pipe)
+    tiles, clipped, full = 0, 0, 0
+    for s in slides:
+        plan = plan_slide(str(s), pipe, None)
+        for t in plan.tiles:
+            c = t.within(plan.grid.width, plan.grid.height, margin, align)
+            clipped += c.read_px[0] * c.read_px[1]
+            full += t.read_px[0] * t.read_px[1]
+        tiles += len(plan.tiles)
+    return {
+        "tiles": tiles,
+        "seg_mpx_read": round(clipped / 1e6, 2),
+        "seg_mpx_read_full_size": round(full / 1e6, 2),
+        "edge_margin_px": margin,
+        "align_px": align,
+    }
 
 
 def cluster_block(
@@ -146,12 +188,15 @@ def cluster_block(
     block["single"] = run_config(client, pipe, refs, bundles, [single], out / "single", True, "single")
     block["sequential"] = run_config(client, pipe, refs, bundles, cohort, out / "seq", False, "sequential")
     block["overlap"] = run_config(client, pipe, refs, bundles, cohort, out / "overlap", True, "overlap")
+    reads = {"single": read_sizes([single], pipe, bundles[0]), "cohort": read_sizes(cohort, pipe, bundles[0])}
+    block["reads"] = reads
+    for mode, which in (("single", "single"), ("sequential", "cohort"), ("overlap", "cohort")):
+        block[mode]["seg_mpx_read"] = reads[which]["seg_mpx_read"]
+        block[mode]["seg_mpx_read_per_s"] = round(reads[which]["seg_mpx_read"] / block[mode]["wall_s"], 3)
     base = block["single"]
+    keys = ("cells_per_s", "tiles_per_s", "mpx_per_s", "seg_mpx_read_per_s", "cells_per_worker_cpu_s")
     block["ratios_vs_single"] = {
-        mode: {
-            k: ratio(block[mode][k], base[k]) for k in ("cells_per_s", "tiles_per_s", "mpx_per_s")
-        }
-        for mode in ("sequential", "overlap")
+        mode: {k: ratio(block[mode][k], base[k]) for k in keys} for mode in ("sequential", "overlap")
     }
     block["overlap_vs_sequential_wall"] = ratio(block["sequential"]["wall_s"], block["overlap"]["wall_s"])
     return block
