@@ -361,6 +361,13 @@ def _batches(tiles: Sequence[Tile], k: int) -> Iterator[_Batch]:
         yield _Batch(list(tiles[i : i + k]))
 
 
+def _tail_split(tiles: Sequence[Tile], k: int, threads: int) -> Iterator[_Batch]:
+    """Batches of ``k`` tiles, the last ``k · threads`` tiles one per batch."""
+    head = max(0, len(tiles) - k * threads) if k > 1 else len(tiles)
+    yield from _batches(tiles[:head], k)
+    yield from _batches(tiles[head:], 1)
+
+
 @dataclass(eq=False)
 class _SlideRun:
     """One slide on its way through a run (client side)."""
@@ -528,12 +535,14 @@ class Runner:
         s.todo = [t for t in plan.tiles if not done[t.id]]
         s.result.tiles_skipped = len(plan.tiles) - len(s.todo)
 
-    def _queue_batches(self, s: _SlideRun) -> None:
+    def _queue_batches(self, s: _SlideRun, last: bool = False) -> None:
         # batch_tiles is an upper bound: a small slide is cut finer so every worker thread
-        # gets work (results do not depend on batching)
+        # gets work (results do not depend on batching). The run's last slide ends in
+        # one-tile batches (one batch's worth per worker thread), so the run does not end on
+        # one long batch running alone while the other workers wait.
         threads = max(1, sum(self.client.nthreads().values()))
         k = max(1, min(self.batch_tiles, math.ceil(len(s.todo) / threads)))
-        s.queue = deque(_batches(s.todo, k))
+        s.queue = deque(_tail_split(s.todo, k, threads) if last else _batches(s.todo, k))
         s.todo = []
 
     def _already_complete(self, s: _SlideRun) -> str:
@@ -737,7 +746,7 @@ class Runner:
                     computed_all(s)
                     return
                 self.reporter.slide_started(s.result.label, s.result.tiles_total, s.result.tiles_skipped)
-                self._queue_batches(s)
+                self._queue_batches(s, last=not pending and not planning)
             except Exception as exc:
                 drop(s, exc)
                 return
