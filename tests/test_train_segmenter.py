@@ -80,6 +80,23 @@ def test_training_smoke_reduces_loss(tmp_path: Path) -> None:
     assert any(e == "resume" for e, _ in events) and not any(e == "epoch" for e, _ in events)
 
 
+def _tiny(tmp_path: Path) -> dict[str, object]:
+    """A one-epoch, two-level U-Net on the generated fields in ``tmp_path/data``."""
+    return dict(
+        images=tmp_path / "data" / "images",
+        masks=tmp_path / "data" / "masks",
+        mpp=0.5,
+        depth=2,
+        width=4,
+        crop=32,
+        batch_size=4,
+        epochs=1,
+        val_fraction=0.25,
+        threads=1,
+        device="cpu",
+    )
+
+
 def test_unlabelled_pixels_carry_no_loss() -> None:
     logits = torch.randn(2, 1, 16, 16)
     target = (torch.rand(2, 1, 16, 16) > 0.5).float()
@@ -104,20 +121,7 @@ def test_partial_masks_train_and_bad_unlabelled_mask_is_one_line(tmp_path: Path)
         m = np.zeros((40, 40), np.uint8)
         m[:, 20:] = 255  # right half of these fields not annotated
         Image.fromarray(m).save(unl / p.name)
-    base = dict(
-        images=tmp_path / "data" / "images",
-        masks=tmp_path / "data" / "masks",
-        mpp=0.5,
-        depth=2,
-        width=4,
-        crop=32,
-        batch_size=4,
-        epochs=1,
-        val_fraction=0.25,
-        threads=1,
-        device="cpu",
-        unlabelled=unl,
-    )
+    base = {**_tiny(tmp_path), "unlabelled": unl}
     b = train_segmenter(TrainSegmenterConfig(out=tmp_path / "p.safetensors", **base))  # type: ignore[arg-type]
     assert "unlabelled pixels left out" in b.card["training"]["loss"]
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(unl / sorted(unl.iterdir())[0].name)
@@ -128,19 +132,7 @@ def test_partial_masks_train_and_bad_unlabelled_mask_is_one_line(tmp_path: Path)
 
 def test_init_starts_from_a_bundle(tmp_path: Path) -> None:
     write_generated(tmp_path / "data", 12, size=40, seed=2)
-    base = dict(
-        images=tmp_path / "data" / "images",
-        masks=tmp_path / "data" / "masks",
-        mpp=0.5,
-        depth=2,
-        width=4,
-        crop=32,
-        batch_size=4,
-        epochs=1,
-        val_fraction=0.25,
-        threads=1,
-        device="cpu",
-    )
+    base = _tiny(tmp_path)
     first = train_segmenter(TrainSegmenterConfig(out=tmp_path / "a.safetensors", **base))  # type: ignore[arg-type]
     # zero learning rate: the fine-tuned bundle keeps the initial weights and normalisation
     tuned = train_segmenter(
