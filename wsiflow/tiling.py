@@ -38,7 +38,12 @@ from wsiflow.config import Pipeline
 from wsiflow.errors import ConfigError
 from wsiflow.types import Box
 
-__all__ = ["Tile", "TileGrid"]
+__all__ = ["Tile", "TileGrid", "halo_pixels"]
+
+
+def halo_pixels(halo_um: float, seg_mpp: float) -> int:
+    """A halo of ``halo_um`` in px at ``seg_mpp``, rounded *up* (so the invariant survives rounding)."""
+    return math.ceil(halo_um / seg_mpp - 1e-9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +169,7 @@ class TileGrid:
     @property
     def halo_px(self) -> int:
         """Halo in pixels at ``seg_mpp`` (rounded up, so the invariant survives rounding)."""
-        return math.ceil(self.halo_um / self.seg_mpp - 1e-9)
+        return halo_pixels(self.halo_um, self.seg_mpp)
 
     @property
     def n_rows(self) -> int:

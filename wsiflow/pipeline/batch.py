@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from wsiflow.cells import CellTable, make_ids
 from wsiflow.config import Pipeline
 from wsiflow.errors import ModelError, SlideError
-from wsiflow.tiling import Tile
+from wsiflow.tiling import Tile, halo_pixels
 from wsiflow.types import Box
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def edge_margin(segmenter: Segmenter, pipeline: Pipeline) -> tuple[int, int]:
     image's end sees what it sees in the whole white halo. A card without ``context_um``
     keeps the whole halo. ``align`` is the U-Net's pooling multiple (2**depth)."""
     seg_mpp = pipeline.resolution.seg_mpp
-    halo_px = math.ceil(pipeline.tiling.halo_um / seg_mpp - 1e-9)
+    halo_px = halo_pixels(pipeline.tiling.halo_um, seg_mpp)
     context = segmenter.context_um
     margin = halo_px if context is None else min(halo_px, math.ceil(float(context) / seg_mpp - 1e-9))
     return max(0, margin), max(1, segmenter.multiple)
@@ -109,7 +109,7 @@ def process_tile(
     # the read box is exactly read_px pixels at seg_mpp (TileGrid and Tile.within build it so);
     # the segmenter builds only the cells this tile owns: centroid in the core (those the read
     # edge cuts inside the slide flagged)
-    halo_px = math.ceil(pipeline.tiling.halo_um / seg_mpp - 1e-9)
+    halo_px = halo_pixels(pipeline.tiling.halo_um, seg_mpp)
     for grow in range(MAX_GROW + 1):
         full = _grown(tile, grow * halo_px) if grow else tile
         read_tile = full.within(width, height, margin_px, align)
