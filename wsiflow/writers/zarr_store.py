@@ -544,12 +544,8 @@ class _RowReader:
         if not len(idx):
             return out
         which = idx // self._rows
-        if (np.diff(which) >= 0).all():  # the usual case: chunk numbers already in order
-            pos = np.arange(len(idx))
-            starts = np.flatnonzero(np.diff(which, prepend=which[0] - 1))
-        else:
-            pos = np.argsort(which, kind="stable")
-            starts = np.flatnonzero(np.diff(which[pos], prepend=which[pos[0]] - 1))
+        pos = np.argsort(which, kind="stable")  # rows grouped by chunk, in their order within it
+        starts = np.flatnonzero(np.diff(which[pos], prepend=which[pos[0]] - 1))
         for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(idx)], strict=True):
             at = pos[s:e]
             k = int(which[at[0]])
