@@ -193,14 +193,12 @@ def dice_bce_loss(
     ``known`` (N, 1, H, W) pixels (0 = unlabelled: no loss there)."""
     if weight is None:
         weight = torch.ones(logits.shape[:2], device=logits.device)
+    if known is None:
+        known = torch.ones_like(logits[:, :1])
     bce_px = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p = torch.sigmoid(logits)
-    if known is None:
-        bce = bce_px.mean(dim=(2, 3))  # (N, C)
-        w_px = weight[..., None, None]
-    else:
-        bce = (bce_px * known).sum(dim=(2, 3)) / known.sum(dim=(2, 3)).clamp_min(1)
-        w_px = weight[..., None, None] * known
+    bce = (bce_px * known).sum(dim=(2, 3)) / known.sum(dim=(2, 3)).clamp_min(1)  # (N, C)
+    w_px = weight[..., None, None] * known
     inter = (p * target * w_px).sum(dim=(0, 2, 3))
     denom = ((p + target) * w_px).sum(dim=(0, 2, 3))
     dice = (2 * inter + 1) / (denom + 1)  # (C,)
