@@ -251,8 +251,10 @@ def _merge_convex(lab: NDArray[np.int32], min_solidity: float) -> NDArray[np.int
     """Merge touching labels of one component while some touching pair's union has solidity
     (area / convex-hull area) ≥ ``min_solidity``, the most convex union first. Two lobes of one
     round cell split it along a chord (union solidity ≈ 1); two touching round cells meet at a
-    waist (two tangent discs: 0.88)."""
+    waist (two tangent discs: 0.88). A pair's solidity is computed once, in the box of the two
+    labels (where their hull lies), and again only after a merge changes one of them."""
     lab = lab.copy()
+    known: dict[tuple[int, int], float] = {}
     while True:
         pairs = np.concatenate(
             [
@@ -265,15 +267,32 @@ def _merge_convex(lab: NDArray[np.int32], min_solidity: float) -> NDArray[np.int
         if pairs.shape[1] == 0:
             return lab
         pairs = np.unique(np.sort(pairs, axis=0), axis=1)
+        boxes = ndi.find_objects(lab)
         best: tuple[float, int, int] | None = None
         for a, b in pairs.T:
-            union = (lab == a) | (lab == b)
-            solidity = float(union.sum()) / max(1.0, float(convex_hull_image(union).sum()))
+            key = (int(a), int(b))
+            solidity = known.get(key)
+            if solidity is None:
+                solidity = known[key] = _union_solidity(lab, key, boxes)
             if solidity >= min_solidity and (best is None or solidity > best[0]):
-                best = (solidity, int(a), int(b))
+                best = (solidity, *key)
         if best is None:
             return lab
-        lab[lab == best[2]] = best[1]
+        _, keep, gone = best
+        lab[lab == gone] = keep
+        known = {k: v for k, v in known.items() if keep not in k and gone not in k}
+
+
+def _union_solidity(
+    lab: NDArray[np.int32], pair: tuple[int, int], boxes: list[tuple[slice, ...] | None]
+) -> float:
+    """Solidity of the union of two labels, in the smallest box holding both."""
+    ba, bb = boxes[pair[0] - 1], boxes[pair[1] - 1]
+    assert ba is not None and bb is not None
+    box = tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(ba, bb, strict=True))
+    sub = lab[box]
+    union = (sub == pair[0]) | (sub == pair[1])
+    return float(union.sum()) / max(1.0, float(convex_hull_image(union).sum()))
 
 
 def cell_mask(prob: NDArray[np.float32], cfg: SegmenterSpec, mpp: float) -> NDArray[np.bool_]:
