@@ -6,7 +6,8 @@
   and an unreadable one in the middle;
 * one window of ``max_in_flight`` batches holds across slides (counted outside the runner,
   from its submits and the reporter's results), and batches of two slides are in it at once;
-* a slide whose finishing raises costs only itself.
+* a slide whose finishing raises costs only itself;
+* in the run's tail the batches with the most work go out first.
 """
 
 from __future__ import annotations
@@ -255,3 +256,19 @@ def test_a_slide_whose_tiles_all_fail_costs_only_itself(
             b = CellStore.open(out_s / name / "cells.zarr", mode="r").read_table().sorted()
             assert a.equals(b) and _doc(out, name) == _doc(out_s, name), name
     assert sorted(window.finished) == sorted(r.label for r in results)
+
+
+def test_the_runs_tail_sends_the_batches_with_most_work_first(setup, session, tmp_path) -> None:
+    _, _, _, _, inputs = setup
+    works: list[float] = []
+
+    class _Order(Runner):
+        def _submit(self, plan, batch):  # type: ignore[no-untyped-def]
+            works.append(plan.work(batch.tiles))
+            return super()._submit(plan, batch)
+
+    corner = inputs[1]  # 300 × 200 px: edge tiles have smaller cores, so less work
+    runner = _runner(session, setup, tmp_path / "o", None, _Order, max_in_flight=1, batch_tiles=1)
+    [res] = runner.run([corner])
+    assert res.ok and len(works) == res.tiles_total > 1  # one slide: the whole run is the tail
+    assert works == sorted(works, reverse=True) and works[0] > works[-1]

@@ -28,7 +28,14 @@ from skimage.morphology import remove_small_objects
 from wsiflow.config import Tissue
 from wsiflow.types import Box
 
-__all__ = ["THUMBNAIL_MAX_PX", "TissueMask", "select_tiles", "slide_tissue_mask", "tissue_mask"]
+__all__ = [
+    "THUMBNAIL_MAX_PX",
+    "TissueMask",
+    "core_fractions",
+    "select_tiles",
+    "slide_tissue_mask",
+    "tissue_mask",
+]
 
 SATURATION_FLOOR = 0.05  # glass in brightfield scans sits below this
 SATURATION_CEILING = 0.15  # pale pink red cells sit above this; Otsu never cuts higher
@@ -181,15 +188,15 @@ def _by_bands(
     return out
 
 
-def select_tiles(grid: _Grid[T], mask: TissueMask, min_fraction: float) -> tuple[list[T], float]:
-    """Tiles whose core has ≥ ``min_fraction`` stained pixels, and the fraction of tiles kept.
+def core_fractions(grid: _Grid[T], mask: TissueMask) -> NDArray[np.float64]:
+    """The stained fraction of each of ``grid``'s tile cores (in ``grid.tiles`` order).
 
     A mask pixel counts for a core when its centre lies inside the core; a core too small
     to contain any pixel centre uses the pixel under its own centre.
     """
     tiles = list(grid.tiles)
     if not tiles:
-        return [], 0.0
+        return np.zeros(0, np.float64)
     m = np.asarray(mask.mask, bool)
     mh, mw = m.shape
     # a summed-area table; int32 holds any thumbnail's count (≤ 4096² pixels), at half the memory
@@ -217,6 +224,17 @@ def select_tiles(grid: _Grid[T], mask: TissueMask, min_fraction: float) -> tuple
     stained = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
     total = (r1 - r0) * (c1 - c0)
     frac = np.where(total > 0, stained / np.maximum(total, 1), 0.0)
-    keep = frac >= min_fraction
+    return np.asarray(frac, np.float64)
+
+
+def select_tiles(
+    grid: _Grid[T], mask: TissueMask, min_fraction: float, fractions: NDArray[np.float64] | None = None
+) -> tuple[list[T], float]:
+    """Tiles whose core has ≥ ``min_fraction`` stained pixels, and the fraction of tiles kept;
+    ``fractions``: :func:`core_fractions` of ``grid`` and ``mask`` if already computed."""
+    tiles = list(grid.tiles)
+    if not tiles:
+        return [], 0.0
+    keep = (core_fractions(grid, mask) if fractions is None else fractions) >= min_fraction
     kept = [t for t, k in zip(tiles, keep, strict=True) if k]
     return kept, len(kept) / len(tiles)

@@ -23,7 +23,11 @@ thread keeps a single window of at most ``max_in_flight`` batches outstanding ac
 slides. A planner thread plans (and opens the stores of) up to :data:`PLAN_AHEAD` slides
 ahead; the next planned slide joins the window as soon as the slides already in it have
 fewer queued batches than the window holds, so the cluster never waits at a slide boundary;
-batches go out earliest slide first. A slide whose batches are all back is handed to one
+batches go out earliest slide first. Once the last slide has gone to the planner (the run's
+tail: at most ``PLAN_AHEAD + MAX_ACTIVE_SLIDES`` slides left) every planned slide joins and
+the batch with the most work goes out first (:meth:`~wsiflow.pipeline.plan.SlidePlan.work`,
+the stained area of its tiles, known from the plan), so the run does not end on one long
+batch running alone while the other workers wait. A slide whose batches are all back is handed to one
 finisher thread (finish, then record), in input order, so ``summary.csv`` rows are written
 one at a time and in the order of a one-by-one run. Only the dispatch thread touches Dask
 futures, the stores being appended to and the :class:`Reporter` (the threads' notes are
@@ -350,6 +354,7 @@ def run_slides(
 class _Batch:
     tiles: list[Tile]
     attempts: int = 0
+    work: float = 0.0  # SlidePlan.work of the tiles: the order of the run's tail
 
     @property
     def ids(self) -> list[int]:
@@ -368,6 +373,23 @@ def _tail_split(tiles: Sequence[Tile], k: int, threads: int) -> Iterator[_Batch]
     yield from _batches(tiles[head:], 1)
 
 
+def _next_slide(active: Sequence[_SlideRun], largest_first: bool) -> _SlideRun | None:
+    """The slide whose next batch goes out: the earliest with batches queued; with
+    ``largest_first`` (the run's tail) the one whose next batch has the most work, each queue
+    sorted by work once, largest first, so that the run does not end on one long batch
+    running alone while the other workers wait. None: nothing is queued."""
+    waiting = [s for s in active if s.queue]
+    if not waiting:
+        return None
+    if not largest_first:
+        return waiting[0]
+    for s in waiting:
+        if not s.largest_first:
+            s.queue = deque(sorted(s.queue, key=lambda b: -b.work))
+            s.largest_first = True
+    return max(waiting, key=lambda s: s.queue[0].work)  # ties: the earliest slide
+
+
 @dataclass(eq=False)
 class _SlideRun:
     """One slide on its way through a run (client side)."""
@@ -380,6 +402,7 @@ class _SlideRun:
     store: CellStore | None = None  # None once planned: complete from an earlier run (resume)
     todo: list[Tile] = field(default_factory=list)
     queue: deque[_Batch] = field(default_factory=deque)  # batches not yet submitted
+    largest_first: bool = False  # queue sorted by work, largest first (the run's tail)
     outstanding: set[Any] = field(default_factory=set)  # keys of its batches in flight
     succeeded: int = 0  # tiles whose batch came back
     failed: bool = False  # the slide failed (its error is in ``result``)
@@ -544,6 +567,9 @@ class Runner:
         k = max(1, min(self.batch_tiles, math.ceil(len(s.todo) / threads)))
         s.queue = deque(_tail_split(s.todo, k, threads) if last else _batches(s.todo, k))
         s.todo = []
+        assert s.plan is not None
+        for b in s.queue:
+            b.work = s.plan.work(b.tiles)
 
     def _already_complete(self, s: _SlideRun) -> str:
         return f"{s.path}: already complete in {s.out_dir}; skipped (--resume)"
@@ -670,12 +696,12 @@ class Runner:
         reason = _reason(exc)
         if not deterministic and batch.attempts < self.options.max_retries:
             log.debug("retrying batch %s after %s", batch.ids, reason)
-            queue.appendleft(_Batch(batch.tiles, batch.attempts + 1))
+            queue.appendleft(_Batch(batch.tiles, batch.attempts + 1, batch.work))
             return
         if len(batch.tiles) > 1:
             # isolate the failing tile: one task per tile, fresh retry budget
             for t in reversed(batch.tiles):
-                queue.appendleft(_Batch([t]))
+                queue.appendleft(_Batch([t], work=plan.work([t])))
             return
         tile = batch.tiles[0]
         store.mark_failed([tile.id])
@@ -735,7 +761,13 @@ class Runner:
                 self.client.cancel(gone)
             computed_all(s)
 
+        def tail() -> bool:
+            """Every slide is planned or planning: at most PLAN_AHEAD + MAX_ACTIVE_SLIDES left."""
+            return not pending
+
         def can_activate() -> bool:
+            if tail():  # all the rest join, so their batches can be ordered together
+                return True
             return len(active) < MAX_ACTIVE_SLIDES and sum(len(a.queue) for a in active) < limit
 
         def activate(s: _SlideRun, planned: LocalFuture[None]) -> None:
@@ -755,18 +787,21 @@ class Runner:
             else:
                 computed_all(s)
 
+        def submit(s: _SlideRun) -> None:
+            assert s.plan is not None
+            b = s.queue.popleft()
+            fut = self._submit(s.plan, b)
+            inflight[fut.key] = (fut, b, s)
+            s.outstanding.add(fut.key)
+            ac.add(fut)
+            self.peak_in_flight = max(self.peak_in_flight, len(inflight))
+
         def fill() -> None:
-            for s in active:  # the earliest slide first
-                while s.queue and len(inflight) < limit:
-                    assert s.plan is not None
-                    b = s.queue.popleft()
-                    fut = self._submit(s.plan, b)
-                    inflight[fut.key] = (fut, b, s)
-                    s.outstanding.add(fut.key)
-                    ac.add(fut)
-                    self.peak_in_flight = max(self.peak_in_flight, len(inflight))
-                if len(inflight) >= limit:
+            while len(inflight) < limit:
+                s = _next_slide(active, largest_first=tail())
+                if s is None:
                     return
+                submit(s)
 
         def collect(fut: Future) -> None:
             entry = inflight.pop(fut.key, None)

@@ -10,7 +10,7 @@ Nothing is read at full resolution here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from wsiflow.errors import MppError, SlideError
 from wsiflow.roi import Rois, load_rois, roi_file_for
 from wsiflow.slide import RUN_READER, open_slide
 from wsiflow.tiling import Tile, TileGrid
-from wsiflow.tissue import select_tiles, slide_tissue_mask
+from wsiflow.tissue import core_fractions, select_tiles, slide_tissue_mask
 from wsiflow.types import StorageOptions
 from wsiflow.writers.paths import slide_stem
 
@@ -33,6 +33,13 @@ class SlidePlan:
     tiles: list[Tile]  # selected tiles: stained, and meeting a region of interest if any
     tissue_fraction: float
     rois: Rois | None = None  # where cells count (QuPath annotations), None: the whole slide
+    stained: dict[int, float] = field(default_factory=dict)  # tile id → stained fraction of its core
+
+    def work(self, tiles: list[Tile]) -> float:
+        """What ``tiles`` cost to compute, estimated before any is read: the stained area of
+        their cores in seg px (cells, and so classifier crops, lie where the stain is; a tile
+        with no recorded fraction counts whole)."""
+        return float(sum(self.stained.get(t.id, 1.0) * t.core_px[0] * t.core_px[1] for t in tiles))
 
     @property
     def path(self) -> str:
@@ -79,11 +86,13 @@ def plan_slide(
             raise SlideError(path, f"image has zero size ({w}×{h})")
         grid = TileGrid.from_pipeline(w, h, float(slide.mpp), pipeline)
         mask = slide_tissue_mask(slide, (w, h), float(slide.mpp), pipeline.tissue)
-        tiles, fraction = select_tiles(grid, mask, pipeline.tissue.min_tile_fraction)
+        fractions = core_fractions(grid, mask)
+        tiles, fraction = select_tiles(grid, mask, pipeline.tissue.min_tile_fraction, fractions)
         rois = load_rois(roi_file, (w, h)) if roi_file is not None else None
         if rois is not None:
             tiles = rois.tiles_meeting(tiles)  # only these are read
         identity = slide.identity()
     finally:
         slide.close()
-    return SlidePlan(identity, grid, tiles, fraction, rois)
+    stained = {t.id: float(fractions[t.id]) for t in tiles}
+    return SlidePlan(identity, grid, tiles, fraction, rois, stained)
