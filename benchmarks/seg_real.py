@@ -5,7 +5,9 @@
   (``wsiflow.train.seg_partial``), at ``--segpc-mpp`` (0.25 µm/px).
 - wbc-seg (expert masks, never trained on): pooled Dice per data set, at the µm/px
   estimated for smear-seg's card (Dataset 1 0.18, Dataset 2 0.077).
-- BCCD test split (72 fields held out): WBC box recall and precision.
+- BCCD test split (72 fields held out): WBC box recall and precision, and precision with the
+  white cells BCCD left without a WBC box (``bccd_review.json``, drawn by ``bccd_review.py``)
+  counted as white cells (``precision_reviewed``).
 - PBC mosaic (``../shared/tools/composite_slide.py --per-class 44 --seed 0``, 352 fields)
   run through ``wsiflow run`` with the pipeline, scored by ``../shared/tools/match_truth.py
   --exclude platelet``: centre-cell recall, centre cells detected twice.
@@ -133,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             k: {m: round(v[m], 4) for m in ("n_images", "dice", "iou")} for k, v in w["datasets"].items()
         }
     if "bccd" not in skip:
-        c = evaluate_bccd(seg, DATA / "bccd", "test")
+        review = json.loads((Path(__file__).parent / "bccd_review.json").read_text(encoding="utf-8"))
+        points: dict[str, list[list[float]]] = {}
+        for cell in review["cells"]:
+            points.setdefault(cell["image"], []).append(cell["xy"])
+        c = evaluate_bccd(seg, DATA / "bccd", "test", review=points)
         res["bccd_test"] = {k: v for k, v in c.items() if k != "per_image"}
     if "mosaic" not in skip:
         res["pbc_mosaic"] = _mosaic(b.weights_path, a.pipeline, a.work / "mosaic")

@@ -66,3 +66,22 @@ def test_bccd_recall_precision(tmp_path: Path) -> None:
     assert res["wbc_boxes"] == 3 - 1 and res["detections"] == 2
     assert res["recall"] == pytest.approx(0.5) and res["precision"] == pytest.approx(0.5)
     assert res["false_detections_in_platelet_boxes"] == 1
+
+
+def test_bccd_reviewed_points_and_detections_pair_one_to_one(tmp_path: Path) -> None:
+    root = tmp_path / "bccd"
+    for d in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (root / d).mkdir(parents=True)
+    (root / "ImageSets/Main/test.txt").write_text("im1\n")
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(root / "JPEGImages" / "im1.jpg")
+    (root / "Annotations" / "im1.xml").write_text("<annotation></annotation>")  # no WBC boxed
+    plain = evaluate_bccd(FakeSeg(), root, "test", 0.5)  # type: ignore[arg-type]
+    assert plain["precision"] == 0.0 and "precision_reviewed" not in plain
+    [row] = plain["per_image"]
+    [(x, y)] = row["unmatched_xy"]
+    far = evaluate_bccd(FakeSeg(), root, "test", 0.5, {"im1": [(x + 50, y)]})  # type: ignore[arg-type]
+    assert far["precision_reviewed"] == 0.0 and far["reviewed_unboxed_wbc"] == 0
+    near = evaluate_bccd(FakeSeg(), root, "test", 0.5, {"im1": [(x + 5, y), (x - 5, y)]})  # type: ignore[arg-type]
+    # two reviewed points on one detection: it counts once
+    assert near["reviewed_unboxed_wbc"] == 1 and near["precision_reviewed"] == 1.0
+    assert near["precision"] == 0.0
