@@ -1,6 +1,7 @@
 """Draw the BCCD test fields where a segmenter's detections fall outside every WBC box, for
-reviewing them by eye (issue 14): WBC boxes green, platelet boxes yellow, detections inside a
-WBC box blue, outside red. The white cells found this way without a box are listed in
+reviewing them by eye (issue 14): WBC boxes green, platelet boxes yellow, the detections
+outside every WBC box red (``evaluate_bccd``'s ``unmatched_xy``, the matching behind
+``seg_real.py``'s precision). The white cells found this way without a box are listed in
 ``bccd_review.json`` (what ``seg_real.py`` counts as ``precision_reviewed``).
 
     python benchmarks/bccd_review.py marrow-seg --pipeline mds --out docs/bccd-unboxed.png
@@ -13,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
+from common import ROOT
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = ROOT.parent / "shared" / "data"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from wsiflow.config import load_pipeline
     from wsiflow.models.bundle import ModelBundle
     from wsiflow.segment import Segmenter
-    from wsiflow.train.seg_data import BCCD_MPP, read_rgb, resample_pair, voc_boxes
+    from wsiflow.train.seg_data import read_rgb, voc_boxes
+    from wsiflow.train.seg_eval import evaluate_bccd
 
     torch.set_num_threads(1)
     b = ModelBundle.load(a.bundle)
@@ -40,38 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     seg = Segmenter(b, cfg)
     root = DATA / "bccd"
+    res = evaluate_bccd(seg, root, "test")  # the same matching as seg_real.py's figures
     panels = []
-    for stem in (root / "ImageSets" / "Main" / "test.txt").read_text().split():
+    for row in res["per_image"]:
+        if not row["unmatched_xy"]:
+            continue
+        stem = row["image"]
         rgb = read_rgb(root / "JPEGImages" / f"{stem}.jpg")
         ann = root / "Annotations" / f"{stem}.xml"
-        wbc = np.array(voc_boxes(ann, "WBC"), float).reshape(-1, 4)
-        plt = np.array(voc_boxes(ann, "Platelets"), float).reshape(-1, 4)
-        small, _ = resample_pair(rgb, (), BCCD_MPP, seg.mpp)
-        table, _ = seg.segment(small, (0.0, 0.0), rgb.shape[1] / small.shape[1], seg.mpp)
-        x, y = table.x, table.y
-        inside = (x[:, None] >= wbc[None, :, 0]) & (x[:, None] <= wbc[None, :, 2])
-        inside &= (y[:, None] >= wbc[None, :, 1]) & (y[:, None] <= wbc[None, :, 3])
-        good = inside.any(axis=1)
-        if good.all():
-            continue
         im = Image.fromarray(rgb)
         d = ImageDraw.Draw(im)
-        for box in wbc:
+        for box in voc_boxes(ann, "WBC"):
             d.rectangle(list(box), outline=(0, 200, 0), width=3)
-        for box in plt:
+        for box in voc_boxes(ann, "Platelets"):
             d.rectangle(list(box), outline=(230, 200, 0), width=2)
-        for k in range(len(table)):
-            r = 9
-            d.ellipse(
-                [x[k] - r, y[k] - r, x[k] + r, y[k] + r],
-                outline=(0, 0, 255) if good[k] else (255, 0, 0),
-                width=4,
-            )
-            if not good[k]:
-                d.text((x[k] + 12, y[k] - 6), f"({x[k]:.0f}, {y[k]:.0f})", fill=(0, 0, 0))
+        for x, y in row["unmatched_xy"]:
+            d.ellipse([x - 9, y - 9, x + 9, y + 9], outline=(255, 0, 0), width=4)
+            d.text((x + 12, y - 6), f"({x:.0f}, {y:.0f})", fill=(0, 0, 0))
         d.text((6, 6), stem, fill=(0, 0, 0))
         panels.append(im)
-        print(stem, [(round(float(x[k])), round(float(y[k]))) for k in np.flatnonzero(~good)])
+        print(stem, row["unmatched_xy"])
     if not panels:
         print("every detection lies in a WBC box")
         return 0
