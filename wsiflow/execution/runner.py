@@ -72,6 +72,7 @@ from wsiflow.execution.cluster import ClusterOptions, ClusterSession, connect
 from wsiflow.execution.preflight import check_cluster
 from wsiflow.execution.tasks import BatchResult, TaskError, batch_task
 from wsiflow.execution.worker import ModelRefs, SlideRef, resolve_models
+from wsiflow.heap import trim_freed_memory
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.pipeline.finish import (
     StoreSummary,
@@ -338,6 +339,7 @@ def run_slides(
     """
     if dirs is None:
         dirs = prepare_run(options, inputs)
+    trim_freed_memory()  # the client's peak follows each step, not the sum of all (wsiflow.heap)
     refs, bundles = models if models is not None else resolve_models(pipeline, cluster.device)
     with connect(cluster) as session:
         if on_connect is not None:
