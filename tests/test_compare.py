@@ -9,7 +9,8 @@ import pytest
 
 from wsiflow.aggregate import BlastStat, LineageStat, SlideSummary, summarize
 from wsiflow.config import load_pipeline
-from wsiflow.synth.compare import Detections, Truth, compare, match_centroids
+from wsiflow.matching import match_centroids
+from wsiflow.synth.compare import Detections, Truth, compare
 
 
 def _summary(

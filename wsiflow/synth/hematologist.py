@@ -19,7 +19,8 @@ import numpy as np
 import orjson
 
 from wsiflow.errors import OutputError
-from wsiflow.synth.compare import GATE, load_truth, match_centroids
+from wsiflow.matching import GATE, match_centroids
+from wsiflow.synth.compare import load_truth
 
 __all__ = ["answer_review"]
 

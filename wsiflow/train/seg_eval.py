@@ -26,6 +26,7 @@ import numpy as np
 from wsiflow.atomic import atomic_write_bytes
 from wsiflow.config import SegmenterSpec
 from wsiflow.errors import WsiflowError
+from wsiflow.matching import match_centroids
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.segment import Segmenter, cell_mask
 from wsiflow.train.seg_data import BCCD_MPP, find_pairs, load_pair, read_rgb, resample_pair, voc_boxes
@@ -92,8 +93,8 @@ def evaluate_bccd(
     ``review``: image stem → (x, y) points (image px) of white cells that BCCD left without a
     WBC box, found by looking at the fields; a detection outside every WBC box within
     ``review_radius_px`` of such a point also counts as a white cell in ``precision_reviewed``,
-    a point and a detection in one pair at most (``precision`` stays against the boxes as
-    given). Each row's ``unmatched_xy`` lists the centroids of its detections outside every
+    matched one to one (:func:`~wsiflow.matching.match_centroids`; ``precision`` stays against
+    the boxes as given). Each row's ``unmatched_xy`` lists the centroids of its detections outside every
     WBC box, for that review."""
     ids = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
     rows = []
@@ -121,7 +122,8 @@ def evaluate_bccd(
         plt_hits += int((in_plt.any(axis=1) & ~good).sum())
         miss = np.column_stack([x[~good], y[~good]])
         points = np.asarray((review or {}).get(stem, ()), float).reshape(-1, 2)
-        reviewed += _pairs_within(miss, points, review_radius_px)
+        radius = np.full(len(points), review_radius_px)
+        reviewed += len(match_centroids(points[:, 0], points[:, 1], radius, miss[:, 0], miss[:, 1], 1.0))
         rows.append(
             {
                 "image": stem,
@@ -152,23 +154,6 @@ def evaluate_bccd(
         ),
         "per_image": rows,
     }
-
-
-def _pairs_within(a: np.ndarray, b: np.ndarray, radius: float) -> int:
-    """How many points of ``a`` pair with one of ``b`` (each point in one pair at most) within
-    ``radius``, the closest pairs first."""
-    if not len(a) or not len(b):
-        return 0
-    d = np.hypot(a[:, None, 0] - b[None, :, 0], a[:, None, 1] - b[None, :, 1])
-    used_a, used_b, n = set(), set(), 0
-    for i, j in zip(*np.unravel_index(np.argsort(d, axis=None), d.shape), strict=True):
-        if d[i, j] > radius:
-            break
-        if i not in used_a and j not in used_b:
-            used_a.add(i)
-            used_b.add(j)
-            n += 1
-    return n
 
 
 def _mask_sets(data: Path) -> list[tuple[str, Path, Path]]:
