@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsiflow.config import SegmenterSpec
+from wsiflow.config import Cytoplasm, SegmenterSpec
 from wsiflow.models.bundle import save_bundle
 from wsiflow.models.unet import UNet
 from wsiflow.segment import Segmenter, instances_from_probs
@@ -65,6 +65,66 @@ def test_merge_solidity_joins_lobes_of_one_round_cell_not_touching_cells() -> No
     )
     assert sorted(np.round(merged.x).astype(int).tolist()) == pytest.approx([35, 95, 118], abs=2)
     assert merged.area_um2[np.argmin(merged.x)] == pytest.approx(math.pi * 14**2 * MPP**2, rel=0.08)
+
+
+def _paint(
+    shape: tuple[int, int],
+    background: tuple[int, int, int],
+    discs_rgb: list[tuple[float, float, float, tuple[int, int, int]]],
+) -> np.ndarray:
+    """An RGB image: ``background``, then each (cx, cy, r, colour) disc painted in order."""
+    yy, xx = np.indices(shape)
+    out = np.empty((*shape, 3), np.uint8)
+    out[:] = background
+    for cx, cy, r, colour in discs_rgb:
+        out[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = colour
+    return out
+
+
+BG, PURPLE, BLUE_GREY, PINK = (230, 226, 236), (90, 60, 140), (185, 195, 228), (220, 170, 190)
+
+
+def test_cytoplasm_growth_takes_the_pale_blue_cytoplasm_not_red_cells_or_background() -> None:
+    # a plasma cell: nucleus r 6 px (the cell channel sees only it) in blue-grey cytoplasm r 10;
+    # a pink red cell touching its right side; a second cell far left whose blue-grey
+    # cytoplasm reaches r 20 (10 µm): the growth stops max_um (3 µm = 6 px) past the outline
+    shape = (80, 140)
+    rgb = _paint(shape, BG, [(100, 40, 10, BLUE_GREY), (117, 40, 8, PINK), (100, 40, 6, PURPLE),
+                             (35, 40, 20, BLUE_GREY), (35, 40, 6, PURPLE)])  # fmt: skip
+    prob = discs(shape, [(100, 40, 6), (35, 40, 6)])
+    cfg = CFG.model_copy(update={"cytoplasm": Cytoplasm(max_um=3.0)})
+    plain, _ = instances_from_probs(prob, prob, CFG, (0.0, 0.0), 1.0, MPP)
+    grown, _ = instances_from_probs(prob, prob, cfg, (0.0, 0.0), 1.0, MPP, rgb=rgb)
+    assert len(plain) == len(grown) == 2
+    right, left = int(np.argmax(grown.x)), int(np.argmin(grown.x))
+    disc = math.pi * MPP**2
+    assert plain.area_um2.max() == pytest.approx(disc * 6**2, rel=0.1)
+    assert grown.area_um2[right] == pytest.approx(disc * 10**2, rel=0.08)  # the ring, not the red cell
+    assert grown.x[right] == pytest.approx(100.5, abs=0.5)  # a red cell taken would pull it right
+    assert grown.area_um2[left] == pytest.approx(disc * 12**2, rel=0.08)  # 6 px + max_um (6 px)
+    # the cell channel's score, not diluted by the grown ring
+    assert grown.seg_score == pytest.approx(plain.seg_score)
+
+
+def test_cytoplasm_growth_never_enters_a_neighbour_and_ignores_padding() -> None:
+    # two nuclei (r 6) 22 px apart in one small sheet of cytoplasm (r 15): each keeps its own
+    # side of it. The background is a blue-grey that against white would itself pass as
+    # cytoplasm: with the padding (255) in the reference, each cell would grow the full 6 px
+    # into it, past the sheet
+    shape = (60, 120)
+    bg = (200, 205, 235)
+    rgb = _paint(shape, bg, [(50, 30, 15, (160, 175, 225)), (39, 30, 6, PURPLE), (61, 30, 6, PURPLE)])
+    rgb[:, 100:] = 255  # padding past the slide's edge
+    prob = discs(shape, [(39, 30, 6), (61, 30, 6)])
+    cfg = CFG.model_copy(update={"cytoplasm": Cytoplasm(max_um=3.0)})
+    grown, _ = instances_from_probs(prob, prob, cfg, (0.0, 0.0), 1.0, MPP, rgb=rgb)
+    assert len(grown) == 2
+    half_sheet = math.pi * 15**2 * MPP**2 / 2
+    assert grown.area_um2 == pytest.approx(np.full(2, grown.area_um2.mean()), rel=0.05)
+    assert (grown.area_um2 > 1.3 * math.pi * 6**2 * MPP**2).all()  # each grew
+    assert (grown.area_um2 <= 1.02 * half_sheet).all()  # within its half of the sheet
+    with pytest.raises(ValueError, match="needs the RGB image"):
+        instances_from_probs(prob, prob, cfg, (0.0, 0.0), 1.0, MPP)
 
 
 def test_size_limits_and_scores() -> None:

@@ -88,6 +88,21 @@ class ModelRef(_Frozen):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
+class Cytoplasm(_Frozen):
+    """Grow each instance into the pale basophilic cytoplasm next to it that the cell channel
+    misses (plasma cells, erythroblasts: grey-blue, barely darker than the background). A pixel
+    is such cytoplasm when its mean optical density (each channel against the image's
+    background, the ``background_percentile`` of its non-padding pixels) is at least ``min_od``
+    and the blue channel's share of that density is at most ``max_blue_fraction`` (blue cytoplasm
+    passes blue light; red cells, pink or grey, absorb it); the growth floods from the instance
+    through such pixels, at most ``max_um`` beyond its outline, never into another instance."""
+
+    max_um: float = Field(default=3.0, gt=0)
+    min_od: float = Field(default=0.05, gt=0)
+    max_blue_fraction: float = Field(default=0.25, gt=0, lt=1)
+    background_percentile: float = Field(default=95.0, gt=50, le=100)
+
+
 class SegmenterSpec(ModelRef):
     threshold: float = Field(default=0.5, gt=0, lt=1)
     min_area_um2: float = Field(default=15.0, ge=0)
@@ -98,6 +113,8 @@ class SegmenterSpec(ModelRef):
     one cell: a lobed nucleus (a bilobed eosinophil) gives two watershed markers inside one
     round cell. None: no merging."""
     simplify_um: float = Field(default=0.25, ge=0)
+    cytoplasm: Cytoplasm | None = None
+    """See :class:`Cytoplasm`; None: instances are the cell channel's only."""
 
     @model_validator(mode="after")
     def _areas(self) -> SegmenterSpec:

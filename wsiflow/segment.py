@@ -14,7 +14,8 @@ its own label. With ``merge_solidity``, touching instances whose union is that c
 merged back into one (two lobes far apart split a round cell along a straight line; two
 touching cells meet at a waist, so their union is less convex). Polygons come from the
 label mask (marching squares on each cell's lightly blurred crop), simplified with shapely
-by ``simplify_um``.
+by ``simplify_um``. With ``cytoplasm`` (and the RGB image), each instance then grows into the
+pale blue cytoplasm beside it that the cell channel missed (:func:`grow_cytoplasm`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from skimage.morphology import convex_hull_image, disk, remove_small_objects
 from skimage.segmentation import watershed
 
 from wsiflow.cells import CellTable
-from wsiflow.config import SegmenterSpec
+from wsiflow.config import Cytoplasm, SegmenterSpec
 from wsiflow.errors import ModelError
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.tiling import Tile
@@ -44,7 +45,7 @@ from wsiflow.tiling import Tile
 if TYPE_CHECKING:
     import os
 
-__all__ = ["Segmenter", "cell_mask", "instances_from_probs", "polygons_from_labels"]
+__all__ = ["Segmenter", "cell_mask", "grow_cytoplasm", "instances_from_probs", "polygons_from_labels"]
 
 CONTOUR_SIGMA = 0.7  # px
 MPP_TOLERANCE = 0.1  # relative µm/px mismatch above which the input is resampled to the card's
@@ -171,7 +172,7 @@ class Segmenter:
         mpp = self.mpp if mpp is None else mpp
         cell, nucleus = self.probability_maps(rgb, mpp)
         return instances_from_probs(
-            cell, nucleus, self.cfg, origin_xy, scale, mpp, owner=owner, keep_cut=keep_cut
+            cell, nucleus, self.cfg, origin_xy, scale, mpp, owner=owner, keep_cut=keep_cut, rgb=rgb
         )
 
 
@@ -211,6 +212,32 @@ def _labels(
         extra, _ = ndi.label(orphan)
         labels = np.where(orphan, extra + labels.max(), labels).astype(np.int32)
     return labels
+
+
+def grow_cytoplasm(
+    labels: NDArray[np.int32], rgb: NDArray[np.uint8], spec: Cytoplasm, mpp: float
+) -> NDArray[np.int32]:
+    """``labels`` grown into the pale blue cytoplasm beside them (see :class:`Cytoplasm`):
+    a flood from each instance over the cytoplasm pixels within ``max_um`` of it (nearest
+    instance wins), so a pixel joins only through a chain of such pixels. The image's
+    background is the ``background_percentile`` of each channel over its pixels that are not
+    white padding (past a slide's edge the reader pads with 255); an image of padding only, or
+    without instances, is returned as it is."""
+    if rgb.shape[:2] != labels.shape:
+        raise ValueError(f"rgb {rgb.shape[:2]} and labels {labels.shape} differ in size")
+    if not labels.any():
+        return labels
+    x = rgb.astype(np.float32)
+    real = (rgb < 255).any(axis=2)
+    if not real.any():
+        return labels
+    background = np.percentile(x[real], spec.background_percentile, axis=0)
+    od = -np.log10(np.clip((x + 1.0) / (background + 1.0), 1e-3, 1.0))
+    total = od.sum(axis=2)
+    cyto = (total >= 3 * spec.min_od) & (od[..., 2] <= spec.max_blue_fraction * total) & real
+    dist = ndi.distance_transform_edt(labels == 0)
+    region = (labels > 0) | (cyto & (dist <= spec.max_um / mpp))
+    return watershed(dist, labels, mask=region).astype(np.int32)
 
 
 def _flood(
@@ -361,8 +388,11 @@ def instances_from_probs(
     *,
     owner: Tile | None = None,
     keep_cut: bool = False,
+    rgb: NDArray[np.uint8] | None = None,
 ) -> tuple[CellTable, NDArray[np.bool_]]:
     """Probability maps → (CellTable, touches_edge). See the module docstring for conventions.
+
+    ``rgb``: the image the maps came from (same size); needed when ``cfg.cytoplasm`` is set.
 
     ``owner`` (the tile that was read): keep only the cells it owns — centroid inside its
     core (:meth:`Tile.owns`) and not touching the image edge — *before* their polygons are
@@ -372,6 +402,11 @@ def instances_from_probs(
     ``owner.cuts`` (inside the slide) count as its edge: past a slide edge the image is white
     padding, and a cell touching it is whole. Without ``owner`` every side counts."""
     labels = _labels(prob, nucleus, cfg, mpp)
+    cell_part = labels  # seg_score: the mean cell probability over the cell channel's part
+    if cfg.cytoplasm is not None:
+        if rgb is None:
+            raise ValueError("segmenter.cytoplasm is set: instances_from_probs needs the RGB image")
+        labels = grow_cytoplasm(labels, rgb, cfg.cytoplasm, mpp)
     n_lab = int(labels.max())
     if n_lab == 0:
         return CellTable.empty(0), np.zeros(0, bool)
@@ -386,7 +421,8 @@ def instances_from_probs(
     rows, cols = np.indices((h, w))
     sum_r = np.bincount(flat, weights=rows.ravel(), minlength=n_lab + 1)
     sum_c = np.bincount(flat, weights=cols.ravel(), minlength=n_lab + 1)
-    sum_p = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n_lab + 1)
+    sum_p = np.bincount(cell_part.ravel(), weights=prob.ravel().astype(np.float64), minlength=n_lab + 1)
+    n_p = np.bincount(cell_part.ravel(), minlength=n_lab + 1)
     border = np.zeros(n_lab + 1, bool)
     cuts = owner.cuts if owner is not None else (True, True, True, True)
     sides = (labels[:, 0], labels[0], labels[:, -1], labels[-1])  # left, top, right, bottom
@@ -434,7 +470,7 @@ def instances_from_probs(
         area_um2=a_um2.astype(np.float32),
         perimeter_um=perim_um.astype(np.float32),
         circularity=circ.astype(np.float32),
-        seg_score=(sum_p[keep] / cnt).astype(np.float32),
+        seg_score=(sum_p[keep] / np.maximum(n_p[keep], 1)).astype(np.float32),
         class_id=np.full(n, -1, np.int16),
         probs=np.zeros((n, 0), np.float32),
         tile=np.zeros(n, np.int64),
