@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if "wbc" not in skip:
         w = evaluate_segmenter(b, DATA / "wbc-seg", a.work / "wbc", mpp=WBC_MPP, cfg=cfg)
         res["wbc_seg"] = {
-            k: {m: round(v[m], 4) for m in ("n_images", "dice", "iou")} for k, v in w["datasets"].items()
+            k: {m: round(v[m], 4) for m in ("n_images", "dice", "iou", "dice_channel")}
+            for k, v in w["datasets"].items()
         }
     if "bccd" not in skip:
         review = json.loads((Path(__file__).parent / "bccd_review.json").read_text(encoding="utf-8"))

@@ -24,7 +24,7 @@ class FakeSeg:
         return (((xx - 20) ** 2 + (yy - 20) ** 2) <= 64).astype(np.float32)
 
     def segment(self, rgb, origin_xy, scale, mpp):
-        return instances_from_probs(self.probabilities(rgb), None, self.cfg, origin_xy, scale, mpp)
+        return instances_from_probs(self.probabilities(rgb), None, self.cfg, origin_xy, scale, mpp, rgb=rgb)
 
 
 def test_masks_dice_pooled(tmp_path: Path) -> None:
@@ -36,12 +36,43 @@ def test_masks_dice_pooled(tmp_path: Path) -> None:
         Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).save(tmp_path / f"{name}.png")
     pairs = [(tmp_path / "a.bmp", tmp_path / "a.png"), (tmp_path / "b.bmp", tmp_path / "b.png")]
     rows = evaluate_masks(FakeSeg(), pairs, 0.5)  # type: ignore[arg-type]
-    assert rows[0]["dice"] == pytest.approx(1.0)
     nd, nh = int(disc.sum()), int(half.sum())
-    assert rows[1]["dice"] == pytest.approx(2 * nh / (nd + nh))
+    # the cell channel thresholded: exactly the disc
+    assert rows[0]["dice_channel"] == pytest.approx(1.0)
+    assert rows[1]["dice_channel"] == pytest.approx(2 * nh / (nd + nh))
+    # the output cells: the disc's outline (simplified polygon) drawn back
+    assert rows[0]["dice"] == pytest.approx(1.0, abs=0.03)
+    assert rows[1]["dice"] == pytest.approx(2 * nh / (nd + nh), abs=0.03)
     pooled = _pool(rows)
-    assert pooled["dice"] == pytest.approx(2 * (nd + nh) / (2 * nd + nd + nh))
-    assert pooled["iou"] == pytest.approx((nd + nh) / (2 * nd))
+    assert pooled["dice_channel"] == pytest.approx(2 * (nd + nh) / (2 * nd + nd + nh))
+    assert pooled["iou_channel"] == pytest.approx((nd + nh) / (2 * nd))
+    assert pooled["dice"] == pytest.approx(pooled["dice_channel"], abs=0.03)
+
+
+def test_masks_dice_scores_the_output_cells_not_the_channel(tmp_path: Path) -> None:
+    # the cell channel sees only the dark nucleus (r 6); the pale blue cytoplasm around it
+    # (r 10) is in the expert mask. With cytoplasm growth the output cells reach it, so their
+    # Dice rises while the channel's stays
+    from wsiflow.config import Cytoplasm
+
+    yy, xx = np.indices((40, 40))
+    r2 = (xx - 20) ** 2 + (yy - 20) ** 2
+    rgb = np.empty((40, 40, 3), np.uint8)
+    rgb[:] = (230, 226, 236)
+    rgb[r2 <= 100] = (185, 195, 228)
+    rgb[r2 <= 36] = (90, 60, 140)
+    Image.fromarray(rgb).save(tmp_path / "c.bmp")
+    Image.fromarray(np.where(r2 <= 100, 255, 0).astype(np.uint8)).save(tmp_path / "c.png")
+
+    class NucleusOnly(FakeSeg):
+        cfg = SegmenterSpec(bundle="x", min_area_um2=1, max_area_um2=1e6, cytoplasm=Cytoplasm(max_um=3.0))
+
+        def probabilities(self, rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
+            return (r2 <= 36).astype(np.float32)
+
+    row = evaluate_masks(NucleusOnly(), [(tmp_path / "c.bmp", tmp_path / "c.png")], 0.5)[0]  # type: ignore[arg-type]
+    assert row["dice_channel"] == pytest.approx(2 * 113 / (113 + 317), abs=0.03)
+    assert row["dice"] > 0.95
 
 
 def test_bccd_recall_precision(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from wsiflow.segment import instances_from_probs
 from wsiflow.train.seg_partial import (
     band_rows,
     evaluate_partial,
+    nuclei_in_masks,
     partial_split,
     rasterise,
     score_field,
@@ -89,6 +90,23 @@ class FakeSeg:
         h, w = rgb.shape[:2]
         prob = _disc((h, w), 40 / scale, 40 / scale, 10 / scale).astype(np.float32)
         return instances_from_probs(prob, None, self.cfg, origin_xy, scale, mpp)
+
+
+def test_nuclei_in_masks_counts_dark_nuclei_per_mask() -> None:
+    # at 0.5 µm/px: mask 1 holds two purple nuclei (two touching cells in one mask), mask 2
+    # one, mask 3 only pale cytoplasm; a purple speck (2 µm²) in mask 2 is below MIN_NUCLEUS_UM2
+    shape = (60, 120)
+    rgb = np.empty((*shape, 3), np.uint8)
+    rgb[:] = (230, 226, 236)
+    truth = np.zeros(shape, np.int32)
+    for k, cx in enumerate((20, 60, 100), start=1):
+        cell = _disc(shape, 30, cx, 16)
+        truth[cell] = k
+        rgb[cell] = (185, 195, 228)
+    for cy, cx, r in ((30, 12, 6), (30, 28, 6), (30, 60, 7), (18, 66, 1.2)):
+        rgb[_disc(shape, cy, cx, r)] = (90, 60, 140)
+    assert nuclei_in_masks(rgb, truth, 0.5).tolist() == [2, 1, 0]
+    assert nuclei_in_masks(rgb, np.zeros(shape, np.int32), 0.5).tolist() == []
 
 
 def test_evaluate_partial_layout(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
 """Segmenter evaluation: Dice/IoU against expert masks; WBC box recall/precision on BCCD fields.
 
-Masks (wbc-seg convention 0/128/255 or any 0/>0 mask): the predicted cell mask
-(:func:`wsiflow.segment.cell_mask`: threshold, holes filled, regions outside the size
-limits dropped) is compared with cell = mask > 0 at the image's own resolution; the image
-is resampled to the bundle's µm/px for the U-Net and the probabilities back. Reported per
-image, per data set (pooled pixels and mean over images) and overall.
+Masks (wbc-seg convention 0/128/255 or any 0/>0 mask): the cells the pipeline would output
+(:meth:`Segmenter.segment` with the pipeline's settings, cytoplasm growth included, their
+outlines drawn back at the image's own resolution) are compared with cell = mask > 0
+(``dice``, ``iou``); so is the cell channel alone (:func:`wsiflow.segment.cell_mask`:
+threshold, holes filled, regions outside the size limits dropped; ``dice_channel``,
+``iou_channel``). The image is resampled to the bundle's µm/px for the U-Net and the
+probabilities back. Reported per image, per data set (pooled pixels and mean over images)
+and overall.
 
 BCCD (Pascal VOC boxes): detected cells (instances after watershed and size limits) are
 matched to WBC boxes by centroid; recall = WBC boxes containing ≥ 1 centroid; precision =
@@ -30,7 +33,7 @@ from wsiflow.matching import match_centroids
 from wsiflow.models.bundle import ModelBundle
 from wsiflow.segment import Segmenter, cell_mask
 from wsiflow.train.seg_data import BCCD_MPP, find_pairs, load_pair, read_rgb, resample_pair, voc_boxes
-from wsiflow.train.seg_partial import evaluate_partial
+from wsiflow.train.seg_partial import evaluate_partial, rasterise
 from wsiflow.train.segmenter import dice_iou
 
 __all__ = ["evaluate_bccd", "evaluate_masks", "evaluate_segmenter"]
@@ -45,21 +48,28 @@ def _write_atomic(path: Path, text: str) -> None:
 def evaluate_masks(
     seg: Segmenter, pairs: Iterable[tuple[Path, Path]], mpp: float, dataset: str = ""
 ) -> list[dict[str, Any]]:
-    """One row per image: Dice, IoU and the pixel counts needed to pool them."""
+    """One row per image: Dice, IoU of the output cells and of the cell channel, and the pixel
+    counts needed to pool them."""
     rows = []
     for img_path, mask_path in pairs:
         pair = load_pair(img_path, mask_path)
-        prob = seg.probabilities(pair.rgb, mpp)
-        pred = cell_mask(prob, seg.cfg, mpp)
-        d, i = dice_iou(pred, pair.cell)
+        table, _ = seg.segment(pair.rgb, (0.0, 0.0), 1.0, mpp)
+        cells = rasterise(table.poly_offsets, table.poly_xy, pair.cell.shape) > 0
+        channel = cell_mask(seg.probabilities(pair.rgb, mpp), seg.cfg, mpp)
+        d, i = dice_iou(cells, pair.cell)
+        dc, ic = dice_iou(channel, pair.cell)
         rows.append(
             {
                 "dataset": dataset,
                 "image": img_path.name,
                 "dice": d,
                 "iou": i,
-                "inter": int((pred & pair.cell).sum()),
-                "pred": int(pred.sum()),
+                "dice_channel": dc,
+                "iou_channel": ic,
+                "inter": int((cells & pair.cell).sum()),
+                "pred": int(cells.sum()),
+                "inter_channel": int((channel & pair.cell).sum()),
+                "pred_channel": int(channel.sum()),
                 "truth": int(pair.cell.sum()),
             }
         )
@@ -67,13 +77,15 @@ def evaluate_masks(
 
 
 def _pool(rows: list[dict[str, Any]]) -> dict[str, float]:
-    inter = sum(r["inter"] for r in rows)
-    pred = sum(r["pred"] for r in rows)
     truth = sum(r["truth"] for r in rows)
+    out: dict[str, float] = {"n_images": len(rows)}
+    for suffix in ("", "_channel"):
+        inter = sum(r["inter" + suffix] for r in rows)
+        pred = sum(r["pred" + suffix] for r in rows)
+        out["dice" + suffix] = 2 * inter / (pred + truth) if pred + truth else 1.0
+        out["iou" + suffix] = inter / (pred + truth - inter) if pred + truth - inter else 1.0
     return {
-        "n_images": len(rows),
-        "dice": 2 * inter / (pred + truth) if pred + truth else 1.0,
-        "iou": inter / (pred + truth - inter) if pred + truth - inter else 1.0,
+        **out,
         "mean_dice": float(np.mean([r["dice"] for r in rows])) if rows else float("nan"),
         "mean_iou": float(np.mean([r["iou"] for r in rows])) if rows else float("nan"),
         "median_dice": float(np.median([r["dice"] for r in rows])) if rows else float("nan"),
@@ -207,11 +219,12 @@ def evaluate_segmenter(
         _write_atomic(out_dir / "per_image.csv", buf.getvalue())
         md += [
             "| split | µm/px | fields | masked cells (merged suspects) | recall | one-to-one (IoU ≥ 0.5) "
-            "| one-to-one, single-cell masks | median IoU "
+            "| one-to-one, single-cell masks | one-to-one, one-nucleus masks (masks with ≥ 2) | median IoU "
             "| detections | on letterbox band (fields) | unmatched detections |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {split} | {m} | {pres['n_images']} | {pres['masked_cells']} ({pres['merged_suspects']}) | "
             f"{pres['recall']:.4f} | {pres['one_to_one']:.4f} | {pres['one_to_one_single_masks']:.4f} | "
+            f"{pres['one_to_one_one_nucleus']:.4f} ({pres['multi_nucleus_masks']}) | "
             f"{pres['median_best_iou']:.3f} | {pres['detections']} | "
             f"{pres['band_detections']} ({pres['fields_with_band_detections']}) | "
             f"{pres['unmatched_detections']} |",
@@ -243,18 +256,19 @@ def evaluate_segmenter(
         result["datasets"] = per
         result["overall"] = _pool(rows)
         buf = io.StringIO()
-        dw = csv.DictWriter(buf, fieldnames=["dataset", "image", "dice", "iou", "inter", "pred", "truth"])
+        dw = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["dataset", "image"])
         dw.writeheader()
         dw.writerows(rows)
         _write_atomic(out_dir / "per_image.csv", buf.getvalue())
         md += [
-            "| data set | µm/px | images | Dice (pooled) | IoU (pooled) | mean Dice | mean IoU |",
-            "|---|---|---|---|---|---|---|",
+            "| data set | µm/px | images | Dice (pooled) | IoU (pooled) | mean Dice | mean IoU "
+            "| Dice, cell channel alone |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, v in [*per.items(), ("overall", {"mpp": "", **result["overall"]})]:
             md.append(
                 f"| {name} | {v['mpp']} | {v['n_images']} | {v['dice']:.4f} | {v['iou']:.4f} | "
-                f"{v['mean_dice']:.4f} | {v['mean_iou']:.4f} |"
+                f"{v['mean_dice']:.4f} | {v['mean_iou']:.4f} | {v['dice_channel']:.4f} |"
             )
     _write_atomic(out_dir / "seg_metrics.json", json.dumps(result, indent=1))
     _write_atomic(out_dir / "summary.md", "\n".join(md) + "\n")

@@ -20,6 +20,12 @@ as polygons, drawn back onto the field's pixel grid), then per field:
 Detections elsewhere are other nucleated cells or false positives; they are counted
 ("unmatched"), not scored, since the masks say nothing about them.
 
+Nuclei per masked cell (:func:`nuclei_in_masks`, a rough classical count independent of the
+segmenter: the hematoxylin channel of a colour deconvolution above its Otsu threshold over the
+field's masked pixels, opened by ``NUCLEUS_OPEN_UM``, pieces of at least ``MIN_NUCLEUS_UM2``):
+a mask holding two or more nuclei is touching cells joined, or a binucleate cell; the
+one-to-one share is also reported over the masks holding exactly one.
+
 The held-out split is fixed: :func:`partial_split` orders the field names by a seeded
 permutation (seed ``SPLIT_SEED``) and holds out the first half ("test"); the rest ("tune")
 is for choosing post-processing settings.
@@ -35,6 +41,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from skimage import draw, measure
+from skimage.color import rgb2hed
+from skimage.filters import threshold_otsu
+from skimage.morphology import disk, opening
 
 from wsiflow.segment import Segmenter
 from wsiflow.train.seg_data import SegDataError, find_pairs, read_rgb, resample_pair
@@ -43,6 +52,7 @@ __all__ = [
     "band_rows",
     "evaluate_partial",
     "merged_suspects",
+    "nuclei_in_masks",
     "partial_split",
     "rasterise",
     "score_field",
@@ -53,6 +63,8 @@ SPLIT_SEED = 14
 MIN_CELL_UM2 = 20.0  # mask components below this are JPEG specks, not cells
 MERGED_SOLIDITY = 0.85
 GROW_UM = 1.0
+NUCLEUS_OPEN_UM = 0.5
+MIN_NUCLEUS_UM2 = 12.0
 BAND_STD = 6.0  # a band row: every channel's std along the row below this (grey levels)
 
 
@@ -91,6 +103,29 @@ def single_masks(truth: NDArray[np.int32]) -> NDArray[np.bool_]:
     for p in measure.regionprops(truth):
         out[p.label - 1] = p.solidity >= MERGED_SOLIDITY
     return out
+
+
+def nuclei_in_masks(rgb: NDArray[np.uint8], truth: NDArray[np.int32], mpp: float) -> NDArray[np.int64]:
+    """Nuclei counted in each masked cell 1..n (see the module docstring): each nucleus piece
+    goes to the masked cell holding most of it."""
+    n = int(truth.max())
+    if n == 0:
+        return np.zeros(0, np.int64)
+    inside = truth > 0
+    hema = rgb2hed(rgb)[..., 0]
+    values = hema[inside]
+    if values.min() == values.max():
+        return np.zeros(n, np.int64)
+    nuc = opening((hema > threshold_otsu(values)) & inside, disk(max(1, round(NUCLEUS_OPEN_UM / mpp))))
+    lab, m = ndi.label(nuc)
+    if m == 0:
+        return np.zeros(n, np.int64)
+    area = np.bincount(lab.ravel(), minlength=m + 1)
+    pair = np.bincount((lab.astype(np.int64) * (n + 1) + truth).ravel(), minlength=(m + 1) * (n + 1))
+    pair = pair.reshape(m + 1, n + 1)[1:, 1:]
+    big = area[1:] * (mpp * mpp) >= MIN_NUCLEUS_UM2
+    owner = np.argmax(pair, axis=1)
+    return np.bincount(owner[big], minlength=n).astype(np.int64)
 
 
 def rasterise(
@@ -228,13 +263,18 @@ def evaluate_partial(seg: Segmenter, data: Path, mpp: float, split: str = "test"
         det, cent = detect(seg, rgb, mpp)
         s = score_field(det, cent, truth, band_rows(rgb), mpp)
         single = single_masks(truth)
+        nuclei = nuclei_in_masks(rgb, truth, mpp)
+        matched = np.asarray(s.matched, bool)
         ious += s.ious
         rows.append(
             {
                 "image": img_path.name,
                 "masked": s.masked,
                 "merged_suspects": int((~single).sum()),
-                "one_to_one_single": int(np.asarray(s.matched, bool)[single].sum()),
+                "one_to_one_single": int(matched[single].sum()),
+                "one_nucleus": int((nuclei == 1).sum()),
+                "multi_nucleus": int((nuclei >= 2).sum()),
+                "one_to_one_one_nucleus": int(matched[nuclei == 1].sum()),
                 "found": s.found,
                 "one_to_one": s.one_to_one,
                 "detections": s.detections,
@@ -263,6 +303,12 @@ def evaluate_partial(seg: Segmenter, data: Path, mpp: float, split: str = "test"
         # touching cells, a detection pair that splits them correctly cannot match one to one
         "one_to_one_single_masks": (
             sum(r["one_to_one_single"] for r in rows) / (masked - merged) if masked > merged else float("nan")
+        ),
+        # and over masks holding exactly one nucleus (nuclei_in_masks, a rough classical count)
+        "multi_nucleus_masks": sum(r["multi_nucleus"] for r in rows),
+        "one_nucleus_masks": (one := sum(r["one_nucleus"] for r in rows)),
+        "one_to_one_one_nucleus": (
+            sum(r["one_to_one_one_nucleus"] for r in rows) / one if one else float("nan")
         ),
         "median_best_iou": float(np.median(ious)) if ious else float("nan"),
         "detections": tot["detections"],
