@@ -23,6 +23,9 @@ class FakeSeg:
         yy, xx = np.indices(rgb.shape[:2])
         return (((xx - 20) ** 2 + (yy - 20) ** 2) <= 64).astype(np.float32)
 
+    def probability_maps(self, rgb: np.ndarray, mpp: float | None = None) -> tuple[np.ndarray, None]:
+        return self.probabilities(rgb, mpp), None
+
     def segment(self, rgb, origin_xy, scale, mpp):
         return instances_from_probs(self.probabilities(rgb), None, self.cfg, origin_xy, scale, mpp, rgb=rgb)
 

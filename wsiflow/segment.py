@@ -422,7 +422,7 @@ def instances_from_probs(
     sum_r = np.bincount(flat, weights=rows.ravel(), minlength=n_lab + 1)
     sum_c = np.bincount(flat, weights=cols.ravel(), minlength=n_lab + 1)
     sum_p = np.bincount(cell_part.ravel(), weights=prob.ravel().astype(np.float64), minlength=n_lab + 1)
-    n_p = np.bincount(cell_part.ravel(), minlength=n_lab + 1)
+    n_p = counts if cell_part is labels else np.bincount(cell_part.ravel(), minlength=n_lab + 1)
     border = np.zeros(n_lab + 1, bool)
     cuts = owner.cuts if owner is not None else (True, True, True, True)
     sides = (labels[:, 0], labels[0], labels[:, -1], labels[-1])  # left, top, right, bottom

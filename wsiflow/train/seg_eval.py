@@ -31,7 +31,7 @@ from wsiflow.config import SegmenterSpec
 from wsiflow.errors import WsiflowError
 from wsiflow.matching import match_centroids
 from wsiflow.models.bundle import ModelBundle
-from wsiflow.segment import Segmenter, cell_mask
+from wsiflow.segment import Segmenter, cell_mask, instances_from_probs
 from wsiflow.train.seg_data import BCCD_MPP, find_pairs, load_pair, read_rgb, resample_pair, voc_boxes
 from wsiflow.train.seg_partial import evaluate_partial, rasterise
 from wsiflow.train.segmenter import dice_iou
@@ -53,9 +53,12 @@ def evaluate_masks(
     rows = []
     for img_path, mask_path in pairs:
         pair = load_pair(img_path, mask_path)
-        table, _ = seg.segment(pair.rgb, (0.0, 0.0), 1.0, mpp)
+        # one U-Net pass for both: the output cells as Segmenter.segment builds them, and the
+        # cell channel alone
+        cell, nucleus = seg.probability_maps(pair.rgb, mpp)
+        table, _ = instances_from_probs(cell, nucleus, seg.cfg, (0.0, 0.0), 1.0, mpp, rgb=pair.rgb)
         cells = rasterise(table.poly_offsets, table.poly_xy, pair.cell.shape) > 0
-        channel = cell_mask(seg.probabilities(pair.rgb, mpp), seg.cfg, mpp)
+        channel = cell_mask(cell, seg.cfg, mpp)
         d, i = dice_iou(cells, pair.cell)
         dc, ic = dice_iou(channel, pair.cell)
         rows.append(
