@@ -73,3 +73,27 @@ def test_marrow_seg_on_held_out_segpc_fields(tmp_path: Path) -> None:
     grown, res0 = evaluate_partial(seg, more, 0.175, "all"), evaluate_partial(plain, more, 0.175, "all")
     assert grown["one_to_one"] >= res0["one_to_one"] + 0.05
     assert grown["median_best_iou"] >= res0["median_best_iou"] + 0.04
+
+
+@pytest.mark.skipif(not SEGPC.is_dir(), reason="../shared/data/segpc-marrow not present")
+def test_a_cell_cut_by_the_letterbox_is_not_a_detection_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Field 1864 (held out): a plasma cell cut by the band's edge. The U-Net's context carries
+    its outline onto the plain band, and its centroid with it; the plain-border trim keeps only
+    the cell's visible part."""
+    import numpy as np
+    import torch
+
+    from wsiflow import segment
+    from wsiflow.segment import Segmenter
+    from wsiflow.train.seg_partial import evaluate_partial
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline("mds")
+    seg = Segmenter(ModelBundle.load(pipe.segmenter.bundle, pipe.segmenter.sha256), pipe.segmenter)
+    field = _fields(tmp_path / "f", ["1864"])
+    trimmed = evaluate_partial(seg, field, 0.175, "all")
+    assert trimmed["band_detections"] == 0 and trimmed["recall"] == 1.0
+    monkeypatch.setattr(segment, "plain_border", lambda rgb: np.zeros(rgb.shape[:2], bool))
+    assert evaluate_partial(seg, field, 0.175, "all")["band_detections"] == 1

@@ -30,12 +30,18 @@ class FakeSeg:
         return instances_from_probs(self.probabilities(rgb), None, self.cfg, origin_xy, scale, mpp, rgb=rgb)
 
 
+def _field(h: int, w: int) -> np.ndarray:
+    """A dark noisy field: image content the fake segmenter ignores, but not plain (a plain
+    image is all padding, where no cell is built)."""
+    return np.random.default_rng(0).integers(0, 60, (h, w, 3)).astype(np.uint8)
+
+
 def test_masks_dice_pooled(tmp_path: Path) -> None:
     yy, xx = np.indices((40, 40))
     disc = ((xx - 20) ** 2 + (yy - 20) ** 2) <= 64
     half = disc & (xx < 20)
     for name, m in [("a", disc), ("b", half)]:
-        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / f"{name}.bmp")
+        Image.fromarray(_field(40, 40)).save(tmp_path / f"{name}.bmp")
         Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).save(tmp_path / f"{name}.png")
     pairs = [(tmp_path / "a.bmp", tmp_path / "a.png"), (tmp_path / "b.bmp", tmp_path / "b.png")]
     rows = evaluate_masks(FakeSeg(), pairs, 0.5)  # type: ignore[arg-type]
@@ -88,7 +94,7 @@ def test_bccd_recall_precision(tmp_path: Path) -> None:
         "im2": [("WBC", (50, 50, 70, 70)), ("Platelets", (12, 12, 28, 28))],
     }
     for stem, objs in boxes.items():
-        Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg")
+        Image.fromarray(_field(80, 80)).save(root / "JPEGImages" / f"{stem}.jpg")
         xml = "".join(
             f"<object><name>{n}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
             f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
@@ -107,7 +113,7 @@ def test_bccd_reviewed_points_and_detections_pair_one_to_one(tmp_path: Path) -> 
     for d in ("Annotations", "ImageSets/Main", "JPEGImages"):
         (root / d).mkdir(parents=True)
     (root / "ImageSets/Main/test.txt").write_text("im1\n")
-    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(root / "JPEGImages" / "im1.jpg")
+    Image.fromarray(_field(80, 80)).save(root / "JPEGImages" / "im1.jpg")
     (root / "Annotations" / "im1.xml").write_text("<annotation></annotation>")  # no WBC boxed
     plain = evaluate_bccd(FakeSeg(), root, "test", 0.5)  # type: ignore[arg-type]
     assert plain["precision"] == 0.0 and "precision_reviewed" not in plain

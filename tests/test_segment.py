@@ -12,7 +12,7 @@ import torch
 from wsiflow.config import Cytoplasm, SegmenterSpec
 from wsiflow.models.bundle import save_bundle
 from wsiflow.models.unet import UNet
-from wsiflow.segment import Segmenter, instances_from_probs
+from wsiflow.segment import Segmenter, instances_from_probs, plain_border
 from wsiflow.tiling import Tile
 from wsiflow.types import Box
 
@@ -125,6 +125,49 @@ def test_cytoplasm_growth_never_enters_a_neighbour_and_ignores_padding() -> None
     assert (grown.area_um2 <= 1.02 * half_sheet).all()  # within its half of the sheet
     with pytest.raises(ValueError, match="needs the RGB image"):
         instances_from_probs(prob, prob, cfg, (0.0, 0.0), 1.0, MPP)
+
+
+def test_plain_border_is_the_padding_at_the_edges_not_the_smear() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(200, 240, (60, 80, 3)).astype(np.uint8)  # a smear's noisy background
+    assert not plain_border(rgb).any()
+    rgb[:10] = (208, 196, 210)  # a letterbox band at the top
+    rgb[:, 70:] = 255  # the reader's white past the slide's right edge
+    rgb[30:33, :70] = (220, 220, 220)  # a plain stripe inside the image is not its border
+    border = plain_border(rgb)
+    want = np.zeros((60, 80), bool)
+    want[:10] = True
+    want[:, 70:] = True
+    assert (border == want).all()
+    assert plain_border(np.full((8, 8, 3), 255, np.uint8)).all()
+
+
+def test_no_outline_covers_the_letterbox_band() -> None:
+    """A cell cut by a plain band of a whole image keeps only its visible part: the U-Net's map
+    spills onto the band (as at SegPC's letterbox), the outline and the centroid do not."""
+    shape = (60, 80)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(215, 235, (*shape, 3)).astype(np.uint8)
+    yy, xx = np.indices(shape)
+    rgb[(xx - 40) ** 2 + (yy - 16) ** 2 <= 100] = PURPLE  # a cell centred 4 px below the band
+    rgb[:12] = (208, 196, 210)
+    prob = discs(shape, [(40, 16, 10)])  # the map spills 8 px onto the band
+    spilt, _ = instances_from_probs(prob, prob, CFG, (0.0, 0.0), 1.0, MPP)
+    assert spilt.poly_xy[:, 1].min() < 12 and spilt.y[0] == pytest.approx(16.5)
+    table, _ = instances_from_probs(prob, prob, CFG, (0.0, 0.0), 1.0, MPP, rgb=rgb)
+    assert len(table) == 1
+    assert table.poly_xy[:, 1].min() >= 12  # pixel centres: row 12 is the first on the image
+    assert table.y[0] > 18  # the visible part's centroid, below the cell's centre
+    assert table.area_um2[0] < 0.9 * spilt.area_um2[0]
+    rgb[:12] = (160, 175, 225)  # a band the colour of plasma-cell cytoplasm: not grown onto
+    cfg = CFG.model_copy(update={"cytoplasm": Cytoplasm(max_um=3.0)})
+    grown, _ = instances_from_probs(prob, prob, cfg, (0.0, 0.0), 1.0, MPP, rgb=rgb)
+    assert grown.poly_xy[:, 1].min() >= 12
+    # a tile is not trimmed by its content (its padding is past the slide edge, see Tile.cuts)
+    box = Box(0.0, 0.0, 80.0, 60.0)
+    tile = Tile(0, 0, 0, box, box, (80, 60), (80, 60), (False, False, False, False))
+    as_tile, _ = instances_from_probs(prob, prob, CFG, (0.0, 0.0), 1.0, MPP, owner=tile, rgb=rgb)
+    assert as_tile.poly_xy[:, 1].min() == pytest.approx(spilt.poly_xy[:, 1].min())
 
 
 def test_size_limits_and_scores() -> None:

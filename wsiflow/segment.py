@@ -16,6 +16,9 @@ touching cells meet at a waist, so their union is less convex). Polygons come fr
 label mask (marching squares on each cell's lightly blurred crop), simplified with shapely
 by ``simplify_um``. With ``cytoplasm`` (and the RGB image), each instance then grows into the
 pale blue cytoplasm beside it that the cell channel missed (:func:`grow_cytoplasm`).
+Given a whole image (not a tile), no instance covers its plain border (:func:`plain_border`:
+a letterbox band): the maps are zeroed there first, so a cell cut by the band keeps its
+visible part and its centroid stays on the image.
 """
 
 from __future__ import annotations
@@ -45,10 +48,18 @@ from wsiflow.tiling import Tile
 if TYPE_CHECKING:
     import os
 
-__all__ = ["Segmenter", "cell_mask", "grow_cytoplasm", "instances_from_probs", "polygons_from_labels"]
+__all__ = [
+    "Segmenter",
+    "cell_mask",
+    "grow_cytoplasm",
+    "instances_from_probs",
+    "plain_border",
+    "polygons_from_labels",
+]
 
 CONTOUR_SIGMA = 0.7  # px
 MPP_TOLERANCE = 0.1  # relative µm/px mismatch above which the input is resampled to the card's
+PLAIN_STD = 3.0  # grey levels: a border row/column varying less than this along its length is padding
 
 
 class Segmenter:
@@ -214,21 +225,57 @@ def _labels(
     return labels
 
 
+def plain_border(rgb: NDArray[np.uint8], tol: float = PLAIN_STD) -> NDArray[np.bool_]:
+    """Pixels (H, W) of the plain rows and columns at the edges of ``rgb``: from each side
+    inward, the rows (columns) along which every channel's standard deviation is below ``tol``
+    grey levels, up to the first that is not. Such a run is padding, not tissue: a letterbox
+    band, or the white the reader adds past a slide's edge. Rows are judged over the columns
+    not already border and vice versa (a band above and black bars beside it, each plain but
+    not alike), twice round. A row crossing any cell or smear is far from plain; an image
+    plain throughout is all border."""
+    x = rgb.astype(np.float32)
+    h, w = rgb.shape[:2]
+    rows, cols = np.zeros(h, bool), np.zeros(w, bool)
+    for round_ in range(2):
+        if round_ and not (rows.any() or cols.any()):
+            break  # nothing plain at any edge: the second round would find the same
+        for axis in (1, 0):  # axis 1: rows (std along each row, over the inner columns)
+            inner = x[:, ~cols] if axis == 1 else x[~rows]
+            if inner.size == 0:
+                return np.ones((h, w), bool)
+            flat = inner.std(axis=axis).max(axis=1) < tol
+            edge = np.ones(len(flat), bool)
+            if not flat.all():
+                edge[int(np.argmax(~flat)) : len(flat) - int(np.argmax(~flat[::-1]))] = False
+            if axis == 1:
+                rows = edge
+            else:
+                cols = edge
+    return rows[:, None] | cols[None, :]
+
+
 def grow_cytoplasm(
-    labels: NDArray[np.int32], rgb: NDArray[np.uint8], spec: Cytoplasm, mpp: float
+    labels: NDArray[np.int32],
+    rgb: NDArray[np.uint8],
+    spec: Cytoplasm,
+    mpp: float,
+    padding: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.int32]:
     """``labels`` grown into the pale blue cytoplasm beside them (see :class:`Cytoplasm`):
     a flood from each instance over the cytoplasm pixels within ``max_um`` of it (nearest
     instance wins), so a pixel joins only through a chain of such pixels. The image's
     background is the ``background_percentile`` of each channel over its pixels that are not
     white padding (past a slide's edge the reader pads with 255); an image of padding only, or
-    without instances, is returned as it is."""
+    without instances, is returned as it is. ``padding``: pixels that are not the image's
+    (:func:`plain_border`), left out of the background and never grown into."""
     if rgb.shape[:2] != labels.shape:
         raise ValueError(f"rgb {rgb.shape[:2]} and labels {labels.shape} differ in size")
     if not labels.any():
         return labels
     x = rgb.astype(np.float32)
     real = (rgb < 255).any(axis=2)
+    if padding is not None:
+        real &= ~padding
     if not real.any():
         return labels
     background = np.percentile(x[real], spec.background_percentile, axis=0)
@@ -393,6 +440,12 @@ def instances_from_probs(
     """Probability maps → (CellTable, touches_edge). See the module docstring for conventions.
 
     ``rgb``: the image the maps came from (same size); needed when ``cfg.cytoplasm`` is set.
+    With it and without ``owner`` (a whole image: a field, as evaluations and field harvests
+    segment), the maps are zeroed on its :func:`plain_border` first, so no outline covers the
+    image's padding (a letterbox band). A tile (``owner``) is not trimmed so: its padding is the
+    white past the slide's edge, which ``owner.cuts`` handles, and on a flat background (blank
+    glass) its plain rows would depend on how far the read reaches, so a cell read by two
+    tiles could get two outlines.
 
     ``owner`` (the tile that was read): keep only the cells it owns — centroid inside its
     core (:meth:`Tile.owns`) and not touching the image edge — *before* their polygons are
@@ -401,12 +454,20 @@ def instances_from_probs(
     re-read a larger box for them instead of losing them. Only the sides of the image that
     ``owner.cuts`` (inside the slide) count as its edge: past a slide edge the image is white
     padding, and a cell touching it is whole. Without ``owner`` every side counts."""
+    padding = None
+    if rgb is not None and rgb.shape[:2] != prob.shape:
+        raise ValueError(f"rgb {rgb.shape[:2]} and the maps {prob.shape} differ in size")
+    if rgb is not None and owner is None:  # a whole image (a field), not a tile: see above
+        padding = plain_border(rgb)
+        if padding.any():
+            prob = np.where(padding, np.float32(0), prob)
+            nucleus = None if nucleus is None else np.where(padding, np.float32(0), nucleus)
     labels = _labels(prob, nucleus, cfg, mpp)
     cell_part = labels  # seg_score: the mean cell probability over the cell channel's part
     if cfg.cytoplasm is not None:
         if rgb is None:
             raise ValueError("segmenter.cytoplasm is set: instances_from_probs needs the RGB image")
-        labels = grow_cytoplasm(labels, rgb, cfg.cytoplasm, mpp)
+        labels = grow_cytoplasm(labels, rgb, cfg.cytoplasm, mpp, padding)
     n_lab = int(labels.max())
     if n_lab == 0:
         return CellTable.empty(0), np.zeros(0, bool)
