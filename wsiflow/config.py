@@ -108,6 +108,10 @@ class SegmenterSpec(ModelRef):
     min_area_um2: float = Field(default=15.0, ge=0)
     max_area_um2: float = Field(default=12000.0, gt=0)
     min_distance_um: float = Field(default=3.0, gt=0)
+    nucleus_split_um2: float | None = Field(default=None, gt=0)
+    """Nucleus fragments that ``min_distance_um`` would join into one marker stay separate when
+    two or more of them are at least this large (each a whole nucleus: the nuclei of two cells
+    pressed together, not the lobes of one). None: joined by distance alone."""
     merge_solidity: float | None = Field(default=None, gt=0, le=1)
     """Touching instances whose union is at least this convex (area / convex-hull area) are
     one cell: a lobed nucleus (a bilobed eosinophil) gives two watershed markers inside one

@@ -8,7 +8,8 @@ centres; bounding boxes use pixel edges (``x1``/``y1`` exclusive).
 Instances: threshold the cell probability, fill holes, drop specks; touching cells are split
 by a marker watershed on the distance transform. Markers are the predicted nuclei when the
 bundle has a nucleus channel (nucleus components closer than ``min_distance_um`` are
-merged, so a lobed neutrophil nucleus stays one cell), otherwise peaks of the distance
+merged, so a lobed neutrophil nucleus stays one cell, unless with ``nucleus_split_um2`` two of
+them are each nucleus-sized: two pressed cells), otherwise peaks of the distance
 transform at least ``min_distance_um`` apart; any cell region left without a marker keeps
 its own label. With ``merge_solidity``, touching instances whose union is that convex are
 merged back into one (two lobes far apart split a round cell along a straight line; two
@@ -209,10 +210,7 @@ def _labels(
     if nucleus is not None:
         nuc = (nucleus > 0.5) & fg
         nuc = remove_small_objects(nuc, max_size=max(1, int(2.0 / (mpp * mpp))))
-        # merge nucleus fragments (lobes) closer than min_distance: label a closed copy
-        joined = ndi.binary_closing(nuc, disk(max(1, min_px // 2))) & fg | nuc
-        lab, _ = ndi.label(joined)
-        markers = np.where(nuc, lab, 0).astype(np.int32)
+        markers = _nucleus_markers(nuc, fg, min_px, cfg.nucleus_split_um2, mpp)
     comp, n_comp = ndi.label(fg)
     if nucleus is None:
         peaks = peak_local_max(dist, min_distance=min_px, labels=comp, exclude_border=False)
@@ -223,6 +221,30 @@ def _labels(
         extra, _ = ndi.label(orphan)
         labels = np.where(orphan, extra + labels.max(), labels).astype(np.int32)
     return labels
+
+
+def _nucleus_markers(
+    nuc: NDArray[np.bool_], fg: NDArray[np.bool_], min_px: int, split_um2: float | None, mpp: float
+) -> NDArray[np.int32]:
+    """Watershed markers from the nucleus mask: fragments closer than ``min_px`` (the lobes of
+    one nucleus) are one marker, found by labelling a closed copy; with ``split_um2``, a joined
+    marker holding two or more fragments of at least that area is split back into its fragments
+    (two whole nuclei side by side are two cells)."""
+    joined = ndi.binary_closing(nuc, disk(max(1, min_px // 2))) & fg | nuc
+    lab, n_joined = ndi.label(joined)
+    markers = np.where(nuc, lab, 0).astype(np.int32)
+    if split_um2 is None or n_joined == 0:
+        return markers
+    frag, n_frag = ndi.label(nuc)
+    area_um2 = np.bincount(frag.ravel(), minlength=n_frag + 1) * (mpp * mpp)
+    owner = np.zeros(n_frag + 1, np.int64)
+    owner[frag[nuc]] = lab[nuc]  # the joined marker each fragment lies in
+    big = area_um2 >= split_um2
+    big[0] = False
+    split = np.bincount(owner[big], minlength=n_joined + 1) >= 2
+    if not split.any():
+        return markers
+    return np.where(split[lab] & nuc, frag + n_joined, markers).astype(np.int32)
 
 
 def plain_border(rgb: NDArray[np.uint8], tol: float = PLAIN_STD) -> NDArray[np.bool_]:
