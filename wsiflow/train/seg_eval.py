@@ -95,6 +95,16 @@ def _pool(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _in_boxes(x: np.ndarray, y: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(n points, m boxes) bool: point i lies in box j (``x0, y0, x1, y1``, edges included)."""
+    return (
+        (x[:, None] >= boxes[None, :, 0])
+        & (x[:, None] <= boxes[None, :, 2])
+        & (y[:, None] >= boxes[None, :, 1])
+        & (y[:, None] <= boxes[None, :, 3])
+    )
+
+
 def evaluate_bccd(
     seg: Segmenter,
     root: Path,
@@ -124,10 +134,7 @@ def evaluate_bccd(
         scale = rgb.shape[1] / small.shape[1]
         table, _ = seg.segment(small, (0.0, 0.0), scale, seg.mpp)
         x, y = table.x, table.y  # image coordinates (level-0 of this field)
-        inside = (x[:, None] >= wbc[None, :, 0]) & (x[:, None] <= wbc[None, :, 2])
-        inside &= (y[:, None] >= wbc[None, :, 1]) & (y[:, None] <= wbc[None, :, 3])
-        in_plt = (x[:, None] >= plt[None, :, 0]) & (x[:, None] <= plt[None, :, 2])
-        in_plt &= (y[:, None] >= plt[None, :, 1]) & (y[:, None] <= plt[None, :, 3])
+        inside, in_plt = _in_boxes(x, y, wbc), _in_boxes(x, y, plt)
         found = inside.any(axis=0)
         good = inside.any(axis=1)
         tp_boxes += int(found.sum())
