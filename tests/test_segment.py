@@ -55,14 +55,17 @@ def test_nucleus_markers_split_touching_and_merge_lobes() -> None:
 def test_nucleus_split_keeps_two_whole_nuclei_apart_and_lobes_together() -> None:
     # left: two cells pressed together, their nuclei (r 5 px, 19.6 µm²) 2 px apart, which the
     # min_distance closing joins into one marker; right: one cell whose nucleus is two lobes
-    # (r 3 px, 7 µm²) as close
+    # (r 3 px, 7 µm²) as close. A speck of nucleus (r 2 px) below the left pair's gap is no
+    # cell of its own
     prob = discs((60, 160), [(30, 30, 12), (50, 30, 12), (120, 30, 13)])
-    nuc = discs((60, 160), [(34, 30, 5), (46, 30, 5), (116, 30, 3), (124, 30, 3)])
+    nuc = discs((60, 160), [(34, 30, 5), (46, 30, 5), (40, 35, 2), (116, 30, 3), (124, 30, 3)])
     joined, _ = instances_from_probs(prob, nuc, CFG, (0.0, 0.0), 1.0, MPP)
     assert len(joined) == 2  # the two pressed cells are one outline
     cfg = CFG.model_copy(update={"nucleus_split_um2": 15.0})
     split, _ = instances_from_probs(prob, nuc, cfg, (0.0, 0.0), 1.0, MPP)
     assert sorted(np.round(split.x).astype(int).tolist()) == pytest.approx([30, 50, 120], abs=3)
+    left = split.x < 85  # the speck's pixels went to the two cells: none of the pair is lost
+    assert split.area_um2[left].sum() == pytest.approx((prob[:, :85] > 0.5).sum() * MPP**2)
 
 
 def test_merge_solidity_joins_lobes_of_one_round_cell_not_touching_cells() -> None:

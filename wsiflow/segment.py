@@ -228,8 +228,9 @@ def _nucleus_markers(
 ) -> NDArray[np.int32]:
     """Watershed markers from the nucleus mask: fragments closer than ``min_px`` (the lobes of
     one nucleus) are one marker, found by labelling a closed copy; with ``split_um2``, a joined
-    marker holding two or more fragments of at least that area is split back into its fragments
-    (two whole nuclei side by side are two cells)."""
+    marker holding two or more fragments of at least that area is split into those fragments
+    (two whole nuclei side by side are two cells); its smaller fragments are no marker of their
+    own, so the watershed gives their pixels to the large ones."""
     joined = ndi.binary_closing(nuc, disk(max(1, min_px // 2))) & fg | nuc
     lab, n_joined = ndi.label(joined)
     markers = np.where(nuc, lab, 0).astype(np.int32)
@@ -244,7 +245,8 @@ def _nucleus_markers(
     split = np.bincount(owner[big], minlength=n_joined + 1) >= 2
     if not split.any():
         return markers
-    return np.where(split[lab] & nuc, frag + n_joined, markers).astype(np.int32)
+    in_split = split[lab] & nuc
+    return np.where(in_split, np.where(big[frag], frag + n_joined, 0), markers).astype(np.int32)
 
 
 def plain_border(rgb: NDArray[np.uint8], tol: float = PLAIN_STD) -> NDArray[np.bool_]:
