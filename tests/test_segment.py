@@ -68,6 +68,21 @@ def test_nucleus_split_keeps_two_whole_nuclei_apart_and_lobes_together() -> None
     assert split.area_um2[left].sum() == pytest.approx((prob[:, :85] > 0.5).sum() * MPP**2)
 
 
+def test_a_binucleate_round_cell_stays_one_cell_with_the_nucleus_split() -> None:
+    """A binucleated erythroblast (a dysplastic feature) must stay one cell: the split gives its
+    two nuclei two markers, and merge_solidity joins the halves back, their union being round;
+    two pressed cells meet at a waist and stay two."""
+    prob = discs((60, 160), [(35, 30, 14), (110, 30, 12), (132, 30, 12)])
+    nuc = discs((60, 160), [(29, 30, 5), (41, 30, 5), (115, 30, 5), (127, 30, 5)])
+    cfg = CFG.model_copy(update={"nucleus_split_um2": 15.0, "merge_solidity": 0.95})
+    table, _ = instances_from_probs(prob, nuc, cfg, (0.0, 0.0), 1.0, MPP)
+    assert sorted(np.round(table.x).astype(int).tolist()) == pytest.approx([35, 110, 132], abs=3)
+    split_only, _ = instances_from_probs(
+        prob, nuc, cfg.model_copy(update={"merge_solidity": None}), (0.0, 0.0), 1.0, MPP
+    )
+    assert len(split_only) == 4  # without merge_solidity the round cell is cut in two
+
+
 def test_merge_solidity_joins_lobes_of_one_round_cell_not_touching_cells() -> None:
     # left: one round cell (r 14) whose nucleus is two lobes 12 px apart (a bilobed
     # eosinophil: the closing of min_distance cannot join them); right: two touching cells
