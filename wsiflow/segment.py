@@ -55,6 +55,7 @@ __all__ = [
     "grow_cytoplasm",
     "instances_from_probs",
     "plain_border",
+    "plain_runs",
     "polygons_from_labels",
 ]
 
@@ -249,14 +250,23 @@ def _nucleus_markers(
     return np.where(in_split, np.where(big[frag], frag + n_joined, 0), markers).astype(np.int32)
 
 
+def plain_runs(x: NDArray[np.floating], axis: int, tol: float = PLAIN_STD) -> tuple[int, int]:
+    """How many plain lines of the image ``x`` (H, W, C) lie at its start and at its end: rows for
+    ``axis`` 1 (each row's std along it), columns for ``axis`` 0; a line is plain when every
+    channel's standard deviation along it is below ``tol``. All plain: (number of lines, 0)."""
+    flat = x.std(axis=axis).max(axis=1) < tol
+    if flat.all():
+        return len(flat), 0
+    return int(np.argmax(~flat)), int(np.argmax(~flat[::-1]))
+
+
 def plain_border(rgb: NDArray[np.uint8], tol: float = PLAIN_STD) -> NDArray[np.bool_]:
     """Pixels (H, W) of the plain rows and columns at the edges of ``rgb``: from each side
     inward, the rows (columns) along which every channel's standard deviation is below ``tol``
-    grey levels, up to the first that is not. Such a run is padding, not tissue: a letterbox
-    band, or the white the reader adds past a slide's edge. Rows are judged over the columns
-    not already border and vice versa (a band above and black bars beside it, each plain but
-    not alike), twice round. A row crossing any cell or smear is far from plain; an image
-    plain throughout is all border."""
+    grey levels, up to the first that is not (:func:`plain_runs`). Such a run is padding, not
+    tissue, such as a letterbox band. Rows are judged over the columns not already border and
+    vice versa (a band above and black bars beside it, each plain but not alike), twice round.
+    A row crossing any cell or smear is far from plain; an image plain throughout is all border."""
     x = rgb.astype(np.float32)
     h, w = rgb.shape[:2]
     rows, cols = np.zeros(h, bool), np.zeros(w, bool)
@@ -267,10 +277,10 @@ def plain_border(rgb: NDArray[np.uint8], tol: float = PLAIN_STD) -> NDArray[np.b
             inner = x[:, ~cols] if axis == 1 else x[~rows]
             if inner.size == 0:
                 return np.ones((h, w), bool)
-            flat = inner.std(axis=axis).max(axis=1) < tol
-            edge = np.ones(len(flat), bool)
-            if not flat.all():
-                edge[int(np.argmax(~flat)) : len(flat) - int(np.argmax(~flat[::-1]))] = False
+            head, tail = plain_runs(inner, axis, tol)
+            edge = np.zeros(inner.shape[1 - axis], bool)
+            edge[:head] = True
+            edge[len(edge) - tail :] = True
             if axis == 1:
                 rows = edge
             else:

@@ -45,7 +45,7 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk, opening
 
-from wsiflow.segment import Segmenter
+from wsiflow.segment import Segmenter, plain_runs
 from wsiflow.train.seg_data import SegDataError, find_pairs, read_rgb, resample_pair
 
 __all__ = [
@@ -70,12 +70,7 @@ BAND_STD = 6.0  # a band row: every channel's std along the row below this (grey
 
 def band_rows(rgb: NDArray[np.uint8], tol: float = BAND_STD) -> tuple[int, int]:
     """Number of plain rows at the top and at the bottom of ``rgb`` (the letterbox band)."""
-    flat = rgb.astype(np.float32).std(axis=1).max(axis=1) < tol
-    if flat.all():
-        return len(flat), 0
-    top = int(np.argmax(~flat))
-    bottom = int(np.argmax(~flat[::-1]))
-    return top, bottom
+    return plain_runs(rgb.astype(np.float32), 1, tol)
 
 
 def truth_cells(mask: NDArray[np.bool_], mpp: float) -> NDArray[np.int32]:
