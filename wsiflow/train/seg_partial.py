@@ -254,31 +254,51 @@ def evaluate_partial(seg: Segmenter, data: Path, mpp: float, split: str = "test"
             raise SegDataError(
                 f"{mask_path}: mask is {mask.shape[::-1]} px but the image is {rgb.shape[1::-1]} px"
             )
-        truth = truth_cells(mask, mpp)
         det, cent = detect(seg, rgb, mpp)
-        s = score_field(det, cent, truth, band_rows(rgb), mpp)
-        single = single_masks(truth)
-        nuclei = nuclei_in_masks(rgb, truth, mpp)
-        matched = np.asarray(s.matched, bool)
-        ious += s.ious
-        rows.append(
-            {
-                "image": img_path.name,
-                "masked": s.masked,
-                "merged_suspects": int((~single).sum()),
-                "one_to_one_single": int(matched[single].sum()),
-                "one_nucleus": int((nuclei == 1).sum()),
-                "multi_nucleus": int((nuclei >= 2).sum()),
-                "one_to_one_one_nucleus": int(matched[nuclei == 1].sum()),
-                "found": s.found,
-                "one_to_one": s.one_to_one,
-                "detections": s.detections,
-                "band_detections": s.band_detections,
-                "unmatched": s.unmatched,
-                "band_top": s.band_rows[0],
-                "band_bottom": s.band_rows[1],
-            }
-        )
+        row, field_ious = field_row(img_path.name, rgb, mask, det, cent, mpp)
+        rows.append(row)
+        ious += field_ious
+    return summarise_partial(rows, ious, split, mpp)
+
+
+def field_row(
+    name: str,
+    rgb: NDArray[np.uint8],
+    mask: NDArray[np.bool_],
+    det: NDArray[np.int32],
+    centroids: NDArray[np.float64],
+    mpp: float,
+) -> tuple[dict[str, Any], list[float]]:
+    """One field's per-image row (:func:`summarise_partial` pools them) and its matched IoUs, for
+    detections found any way: by :func:`detect` on the field, or cut from a slide's run."""
+    truth = truth_cells(mask, mpp)
+    s = score_field(det, centroids, truth, band_rows(rgb), mpp)
+    single = single_masks(truth)
+    nuclei = nuclei_in_masks(rgb, truth, mpp)
+    matched = np.asarray(s.matched, bool)
+    row = {
+        "image": name,
+        "masked": s.masked,
+        "merged_suspects": int((~single).sum()),
+        "one_to_one_single": int(matched[single].sum()),
+        "one_nucleus": int((nuclei == 1).sum()),
+        "multi_nucleus": int((nuclei >= 2).sum()),
+        "one_to_one_one_nucleus": int(matched[nuclei == 1].sum()),
+        "found": s.found,
+        "one_to_one": s.one_to_one,
+        "detections": s.detections,
+        "band_detections": s.band_detections,
+        "unmatched": s.unmatched,
+        "band_top": s.band_rows[0],
+        "band_bottom": s.band_rows[1],
+    }
+    return row, s.ious
+
+
+def summarise_partial(
+    rows: list[dict[str, Any]], ious: list[float], split: str, mpp: float
+) -> dict[str, Any]:
+    """The pooled scores of :func:`evaluate_partial` from its fields' rows."""
     masked = sum(r["masked"] for r in rows)
     merged = sum(r["merged_suspects"] for r in rows)
     tot = {
