@@ -12,7 +12,7 @@ import torch
 from wsiflow.config import Cytoplasm, SegmenterSpec
 from wsiflow.models.bundle import save_bundle
 from wsiflow.models.unet import UNet
-from wsiflow.segment import Segmenter, instances_from_probs, plain_border
+from wsiflow.segment import Segmenter, instances_from_probs, local_background, plain_border
 from wsiflow.tiling import Tile
 from wsiflow.types import Box
 
@@ -102,11 +102,13 @@ def _paint(
     shape: tuple[int, int],
     background: tuple[int, int, int],
     discs_rgb: list[tuple[float, float, float, tuple[int, int, int]]],
+    base: np.ndarray | None = None,
 ) -> np.ndarray:
-    """An RGB image: ``background``, then each (cx, cy, r, colour) disc painted in order."""
+    """An RGB image: ``background`` (or a copy of ``base``), then each (cx, cy, r, colour) disc
+    painted in order."""
     yy, xx = np.indices(shape)
     out = np.empty((*shape, 3), np.uint8)
-    out[:] = background
+    out[:] = background if base is None else base
     for cx, cy, r, colour in discs_rgb:
         out[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = colour
     return out
@@ -156,6 +158,40 @@ def test_cytoplasm_growth_never_enters_a_neighbour_and_ignores_padding() -> None
     assert (grown.area_um2 <= 1.02 * half_sheet).all()  # within its half of the sheet
     with pytest.raises(ValueError, match="needs the RGB image"):
         instances_from_probs(prob, prob, cfg, (0.0, 0.0), 1.0, MPP)
+
+
+def test_local_background_follows_the_light_across_the_image() -> None:
+    # glass lit unevenly: bright on the left, dimmer and bluer on the right. One background for
+    # the image (its 95th percentile: the bright glass) makes the dim glass look like pale blue
+    # cytoplasm, and the cell on the right grows max_um into it; judged per 25 µm square it is
+    # glass, and only the cell's own ring of cytoplasm is taken
+    shape, left, right = (80, 200), (240, 240, 250), (195, 208, 245)
+    rgb = _paint(shape, left, [])
+    rgb[:, 100:] = right
+    rgb = _paint(rgb.shape[:2], left, [(165, 40, 10, (150, 170, 235)), (165, 40, 6, PURPLE)], base=rgb)
+    noise = np.random.default_rng(0).integers(-8, 9, rgb.shape)  # real glass is never plain
+    rgb = np.clip(rgb.astype(int) + noise, 0, 254).astype(np.uint8)
+    prob = discs(shape, [(165, 40, 6)])
+    one = CFG.model_copy(update={"cytoplasm": Cytoplasm(max_um=3.0)})
+    local = CFG.model_copy(update={"cytoplasm": Cytoplasm(max_um=3.0, background_um=25.0)})
+    g_one, _ = instances_from_probs(prob, prob, one, (0.0, 0.0), 1.0, MPP, rgb=rgb)
+    g_local, _ = instances_from_probs(prob, prob, local, (0.0, 0.0), 1.0, MPP, rgb=rgb)
+    disc = math.pi * MPP**2
+    assert g_one.area_um2[0] == pytest.approx(disc * 12**2, rel=0.08)  # 6 px + max_um into the glass
+    assert g_local.area_um2[0] == pytest.approx(disc * 10**2, rel=0.08)  # its own ring only
+
+    x = rgb.astype(np.float32)
+    real = np.ones(shape, bool)
+    bg = local_background(x, real, 95.0, 50.0, np.percentile(x, 95, axis=(0, 1)).astype(np.float32))
+    assert bg.shape == (*shape, 3)
+    np.testing.assert_allclose(bg[:, :20], np.broadcast_to(np.float32(left), (80, 20, 3)), atol=8.5)
+    np.testing.assert_allclose(bg[:, -5:], np.broadcast_to(np.float32(right), (80, 5, 3)), atol=8.5)
+    red = bg[40, :, 0]
+    step = np.diff(red)  # falls from left to right, blended over a square's width: no step
+    assert (step <= 0.5).all() and step.min() > -2 and red[0] - red[-1] > 35
+    real[:, :50] = False  # a square of padding only takes the fallback
+    fallback = np.float32([1, 2, 3])
+    np.testing.assert_array_equal(local_background(x, real, 95.0, 50.0, fallback)[0, 0], fallback)
 
 
 def test_plain_border_is_the_padding_at_the_edges_not_the_smear() -> None:

@@ -95,12 +95,17 @@ class Cytoplasm(_Frozen):
     background, the ``background_percentile`` of its non-padding pixels) is at least ``min_od``
     and the blue channel's share of that density is at most ``max_blue_fraction`` (blue cytoplasm
     passes blue light; red cells, pink or grey, absorb it); the growth floods from the instance
-    through such pixels, at most ``max_um`` beyond its outline, never into another instance."""
+    through such pixels, at most ``max_um`` beyond its outline, never into another instance.
+    ``background_um``: estimate the background locally instead, per square of about that side
+    (the percentile over its non-padding pixels, blended between squares), so that light or
+    stain varying across a read does not move the density of the glass far from it; None: one
+    background for the whole image."""
 
     max_um: float = Field(default=3.0, gt=0)
     min_od: float = Field(default=0.05, gt=0)
     max_blue_fraction: float = Field(default=0.25, gt=0, lt=1)
     background_percentile: float = Field(default=95.0, gt=50, le=100)
+    background_um: float | None = Field(default=None, gt=0)
 
 
 class SegmenterSpec(ModelRef):

@@ -313,12 +313,56 @@ def grow_cytoplasm(
     if not real.any():
         return labels
     background = np.percentile(x[real], spec.background_percentile, axis=0)
+    if spec.background_um is not None:
+        background = local_background(
+            x, np.asarray(real, bool), spec.background_percentile, spec.background_um / mpp, background
+        )
     od = -np.log10(np.clip((x + 1.0) / (background + 1.0), 1e-3, 1.0))
     total = od.sum(axis=2)
     cyto = (total >= 3 * spec.min_od) & (od[..., 2] <= spec.max_blue_fraction * total) & real
     dist = ndi.distance_transform_edt(labels == 0)
     region = (labels > 0) | (cyto & (dist <= spec.max_um / mpp))
     return watershed(dist, labels, mask=region).astype(np.int32)
+
+
+def local_background(
+    x: NDArray[np.float32],
+    real: NDArray[np.bool_],
+    percentile: float,
+    side_px: float,
+    fallback: NDArray[np.float32],
+) -> NDArray[np.float32]:
+    """Per-pixel background (H, W, 3) of image ``x``: the ``percentile`` of each channel over the
+    ``real`` pixels of each square of about ``side_px`` (the image cut into a grid of equal
+    squares; every other pixel each way, which is plenty for a percentile), bilinearly blended
+    between the squares' centres and constant past the outer ones. A square with fewer than a
+    quarter of its pixels real takes ``fallback`` (the whole image's)."""
+    h, w = real.shape
+    ny, nx = max(1, round(h / side_px)), max(1, round(w / side_px))
+    ys = np.linspace(0, h, ny + 1).round().astype(int)
+    xs = np.linspace(0, w, nx + 1).round().astype(int)
+    grid = np.empty((ny, nx, 3), np.float32)
+    for i in range(ny):
+        for j in range(nx):
+            sel = real[ys[i] : ys[i + 1] : 2, xs[j] : xs[j + 1] : 2]
+            if sel.sum() * 4 < sel.size:
+                grid[i, j] = fallback
+            else:
+                grid[i, j] = np.percentile(
+                    x[ys[i] : ys[i + 1] : 2, xs[j] : xs[j + 1] : 2][sel], percentile, axis=0
+                )
+    # bilinear weights from the squares' centres to every row and column (separable)
+    wy = _interp_weights(h, (ys[:-1] + ys[1:] - 1) / 2)
+    wx = _interp_weights(w, (xs[:-1] + xs[1:] - 1) / 2)
+    rows = (wy @ grid.reshape(ny, nx * 3)).reshape(h, nx, 3)
+    return np.ascontiguousarray((rows.transpose(0, 2, 1) @ wx.T).transpose(0, 2, 1))
+
+
+def _interp_weights(n: int, centres: NDArray[np.float64]) -> NDArray[np.float32]:
+    """(n, len(centres)) weights of linear interpolation from values at ``centres`` to 0..n-1."""
+    eye = np.eye(len(centres), dtype=np.float64)
+    pos = np.arange(n, dtype=np.float64)
+    return np.stack([np.interp(pos, centres, eye[k]) for k in range(len(centres))], axis=1).astype(np.float32)
 
 
 def _flood(
