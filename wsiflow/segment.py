@@ -312,10 +312,11 @@ def grow_cytoplasm(
         real &= ~padding
     if not real.any():
         return labels
-    background = np.percentile(x[real], spec.background_percentile, axis=0)
-    if spec.background_um is not None:
+    if spec.background_um is None:
+        background = np.percentile(x[real], spec.background_percentile, axis=0)
+    else:
         background = local_background(
-            x, np.asarray(real, bool), spec.background_percentile, spec.background_um / mpp, background
+            x, np.asarray(real, bool), spec.background_percentile, spec.background_um / mpp
         )
     od = -np.log10(np.clip((x + 1.0) / (background + 1.0), 1e-3, 1.0))
     total = od.sum(axis=2)
@@ -330,13 +331,13 @@ def local_background(
     real: NDArray[np.bool_],
     percentile: float,
     side_px: float,
-    fallback: NDArray[np.float32],
+    fallback: NDArray[np.float32] | None = None,
 ) -> NDArray[np.float32]:
     """Per-pixel background (H, W, 3) of image ``x``: the ``percentile`` of each channel over the
     ``real`` pixels of each square of about ``side_px`` (the image cut into a grid of equal
     squares; every other pixel each way, which is plenty for a percentile), bilinearly blended
     between the squares' centres and constant past the outer ones. A square with fewer than a
-    quarter of its pixels real takes ``fallback`` (the whole image's)."""
+    quarter of its pixels real takes ``fallback``; None: the whole image's, computed only then."""
     h, w = real.shape
     ny, nx = max(1, round(h / side_px)), max(1, round(w / side_px))
     ys = np.linspace(0, h, ny + 1).round().astype(int)
@@ -346,6 +347,8 @@ def local_background(
         for j in range(nx):
             sel = real[ys[i] : ys[i + 1] : 2, xs[j] : xs[j + 1] : 2]
             if sel.sum() * 4 < sel.size:
+                if fallback is None:
+                    fallback = np.percentile(x[real], percentile, axis=0).astype(np.float32)
                 grid[i, j] = fallback
             else:
                 grid[i, j] = np.percentile(
