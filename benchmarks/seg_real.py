@@ -36,6 +36,14 @@ TOOLS = ROOT.parent / "shared" / "tools"
 WBC_MPP = {"Dataset 1": 0.18, "Dataset 2": 0.1}
 
 
+def print_result(res: dict[str, Any], out: Path | None) -> None:
+    """The script's JSON result on stdout, and into ``out`` when given."""
+    text = json.dumps(res, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+
+
 def run_slide(slide: Path, out: Path, pipeline: str | Path) -> None:
     """``wsiflow run`` of one slide as these figures are made: 1 worker × 1 thread, replacing OUT."""
     subprocess.run(
@@ -145,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         res["bccd_test"] = {k: v for k, v in c.items() if k != "per_image"}
     if "mosaic" not in skip:
         res["pbc_mosaic"] = _mosaic(b.weights_path, a.pipeline, a.work / "mosaic")
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n", encoding="utf-8")
+    print_result(res, a.out)
     return 0
 
 

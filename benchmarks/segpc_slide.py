@@ -16,7 +16,6 @@ bands, which now lie inside the slide. SegPC is CC BY-NC-SA 4.0: the slide stays
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from seg_overlay import _polygons, _write_svs
-from seg_real import run_slide
+from seg_real import print_result, run_slide
 from shapely import Polygon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "detections_in_no_field": int(np.sum(slot >= len(fields))),
         "segpc": res,
     }
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n", encoding="utf-8")
+    print_result(res, a.out)
     return 0
 
 
